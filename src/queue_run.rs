@@ -1,0 +1,455 @@
+//! Queue runs: streaming a node's queue to the node's own server after ETRN (or on the node's
+//! `retry_interval`).
+//!
+//! A run owns nothing durable: it pops parts from the shard's `NodeQueue`, reads each record
+//! from the spool, hands it to [`crate::delivery::SmtpClient`] over up to
+//! `delivery.connections_per_node` parallel connections, writes each recipient's final state
+//! into the record, and gives deferred parts back to the queue when the run ends. A part is
+//! never in the queue and in a worker at once, so concurrent ETRNs cannot deliver it twice.
+//!
+//! Where mail goes (the protected-queue rules): `auth = "none"`: the node's MX hosts only;
+//! `plain`: `static_ip` first when set, then the MX hosts; `md5`: the address the
+//! authenticated ETRN came from, then the MX hosts.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::AuthMode;
+use crate::delivery::{ClientConfig, OutboundMessage, RcptOutcome, SmtpClient};
+use crate::dsn::{build_bounce, BounceInput, FailedRecipient};
+use crate::queue::{NodeIdx, QueueEntry};
+use crate::runtime::{ShardCtx, ShardMsg};
+use crate::spool::record::{self, RcptState, RecordBuilder};
+use crate::spool::{self, SegmentId};
+
+/// The runs going on one shard.
+#[derive(Default)]
+pub struct Runs {
+    active: RefCell<HashMap<NodeIdx, Rc<Run>>>,
+}
+
+struct Run {
+    node: NodeIdx,
+    dynamic_ip: Cell<Option<IpAddr>>,
+    targets: RefCell<Vec<SocketAddr>>,
+    workers: Cell<usize>,
+    in_flight: Cell<usize>,
+    deferred: RefCell<Vec<QueueEntry>>,
+    touched: RefCell<HashSet<SegmentId>>,
+    delivered: Cell<usize>,
+}
+
+/// Parts of `node` being delivered right now.
+pub fn in_flight(ctx: &ShardCtx, node: NodeIdx) -> usize {
+    ctx.runs.active.borrow().get(&node).map_or(0, |r| r.in_flight.get())
+}
+
+/// Starts a run for `node`, or lets the one going pick up new work.
+pub fn start_or_join(ctx: &Rc<ShardCtx>, node: NodeIdx, dynamic_ip: Option<IpAddr>) {
+    let existing = ctx.runs.active.borrow().get(&node).cloned();
+    if let Some(run) = existing {
+        if dynamic_ip.is_some() {
+            run.dynamic_ip.set(dynamic_ip);
+        }
+        add_workers(ctx, &run);
+        return;
+    }
+    let run = Rc::new(Run {
+        node,
+        dynamic_ip: Cell::new(dynamic_ip),
+        targets: RefCell::new(Vec::new()),
+        workers: Cell::new(0),
+        in_flight: Cell::new(0),
+        deferred: RefCell::new(Vec::new()),
+        touched: RefCell::new(HashSet::new()),
+        delivered: Cell::new(0),
+    });
+    ctx.runs.active.borrow_mut().insert(node, run.clone());
+    let ctx = ctx.clone();
+    glommio::spawn_local(async move { begin(ctx, run).await }).detach();
+}
+
+/// New mail for a node with a run going: give the run a worker if it has room.
+pub fn on_enqueue(ctx: &ShardCtx, node: NodeIdx) {
+    let run = ctx.runs.active.borrow().get(&node).cloned();
+    if let Some(run) = run {
+        if !run.targets.borrow().is_empty() && run.workers.get() == 0 {
+            // All workers finished but the run has not closed yet: it will re-check the queue.
+            tracing::debug!(node = %ctx.cfg.nodes[node.0 as usize].name, "mail arrived while the run is closing");
+        }
+    }
+}
+
+/// Starts the `retry_interval` timers of the nodes this shard owns.
+pub fn start_retry_timers(ctx: &Rc<ShardCtx>) {
+    for (i, n) in ctx.cfg.nodes.iter().enumerate() {
+        let node = NodeIdx(i as u32);
+        let Some(every) = n.retry_interval else { continue };
+        if ctx.owner_of(node) != ctx.id {
+            continue;
+        }
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(every).await;
+                let queued = ctx.queues.borrow().get(node).map_or(0, |q| q.len());
+                if queued > 0 {
+                    tracing::info!(node = %ctx.cfg.nodes[node.0 as usize].name, queued, "retry interval: starting a queue run");
+                    start_or_join(&ctx, node, None);
+                }
+            }
+        })
+        .detach();
+    }
+}
+
+fn add_workers(ctx: &Rc<ShardCtx>, run: &Rc<Run>) {
+    if run.targets.borrow().is_empty() {
+        return; // still resolving; `begin` starts the workers
+    }
+    let queued = ctx.queues.borrow().get(run.node).map_or(0, |q| q.len());
+    let want = ctx.cfg.delivery.connections_per_node.min(queued + run.workers.get());
+    while run.workers.get() < want {
+        run.workers.set(run.workers.get() + 1);
+        let (ctx, run) = (ctx.clone(), run.clone());
+        glommio::spawn_local(async move { worker(ctx, run).await }).detach();
+    }
+}
+
+async fn resolve_targets(ctx: &ShardCtx, run: &Run) -> Result<Vec<SocketAddr>, crate::dns::DnsError> {
+    let n = &ctx.cfg.nodes[run.node.0 as usize];
+    let port = ctx.cfg.delivery.port;
+    let mut targets = Vec::new();
+    match n.auth {
+        AuthMode::Plain => targets.extend(n.static_ip.map(|ip| SocketAddr::new(ip, port))),
+        AuthMode::Md5 => targets.extend(run.dynamic_ip.get().map(|ip| SocketAddr::new(ip, port))),
+        AuthMode::None => {}
+    }
+    match ctx.resolver.mx_targets(n.name.as_str()).await {
+        Ok(mx) => {
+            for t in mx {
+                for a in t.addrs {
+                    let sa = SocketAddr::new(a, port);
+                    if !targets.contains(&sa) {
+                        targets.push(sa);
+                    }
+                }
+            }
+        }
+        Err(e) if targets.is_empty() => return Err(e),
+        Err(e) => tracing::info!(node = %n.name, error = %e, "MX lookup failed; using the configured address only"),
+    }
+    Ok(targets)
+}
+
+async fn begin(ctx: Rc<ShardCtx>, run: Rc<Run>) {
+    let name = ctx.cfg.nodes[run.node.0 as usize].name.clone();
+    match resolve_targets(&ctx, &run).await {
+        Ok(t) if !t.is_empty() => {
+            tracing::info!(node = %name, targets = ?t, "queue run started");
+            *run.targets.borrow_mut() = t;
+            add_workers(&ctx, &run);
+            if run.workers.get() == 0 {
+                finish(&ctx, &run).await;
+            }
+        }
+        Ok(_) => {
+            tracing::warn!(node = %name, "no delivery target; mail stays queued");
+            finish(&ctx, &run).await;
+        }
+        Err(crate::dns::DnsError::NullMx(d)) => {
+            tracing::warn!(node = %name, "null MX: the node accepts no mail; bouncing its queue");
+            let reason = format!("Domain {d} accepts no mail (null MX, RFC 7505)");
+            while let Some(entry) = pop(&ctx, run.node) {
+                fail_all(&ctx, &run, entry, "5.1.10", &reason).await;
+            }
+            finish(&ctx, &run).await;
+        }
+        Err(e) => {
+            tracing::warn!(node = %name, error = %e, "cannot resolve the node's servers; mail stays queued");
+            finish(&ctx, &run).await;
+        }
+    }
+}
+
+fn pop(ctx: &ShardCtx, node: NodeIdx) -> Option<QueueEntry> {
+    ctx.queues.borrow_mut().get_mut(node).pop()
+}
+
+fn client_config(ctx: &ShardCtx) -> ClientConfig {
+    ClientConfig::rfc5321(ctx.cfg.hostname.clone()).scaled(ctx.cfg.delivery.timeout_scale)
+}
+
+async fn connect(ctx: &ShardCtx, run: &Run) -> Option<SmtpClient> {
+    let targets = run.targets.borrow().clone();
+    let cc = client_config(ctx);
+    for addr in targets {
+        match SmtpClient::connect(addr, &cc).await {
+            Ok(c) => return Some(c),
+            Err(e) => tracing::info!(%addr, error = %e, "cannot use this server; trying the next"),
+        }
+    }
+    None
+}
+
+async fn worker(ctx: Rc<ShardCtx>, run: Rc<Run>) {
+    let mut client: Option<SmtpClient> = None;
+    let max_age = ctx.cfg.delivery.max_age.as_secs();
+    while let Some(entry) = pop(&ctx, run.node) {
+        run.in_flight.set(run.in_flight.get() + 1);
+        let now = spool::unix_now();
+        if now.saturating_sub(entry.arrival) > max_age {
+            fail_all(
+                &ctx,
+                &run,
+                entry,
+                "4.4.7",
+                "Message expired: not collected by the node within the maximum queue age",
+            )
+            .await;
+            run.in_flight.set(run.in_flight.get() - 1);
+            continue;
+        }
+        if client.is_none() {
+            client = connect(&ctx, &run).await;
+        }
+        let Some(c) = client.as_mut() else {
+            run.deferred.borrow_mut().push(entry);
+            run.in_flight.set(run.in_flight.get() - 1);
+            break;
+        };
+        let ok = deliver_one(&ctx, &run, c, entry).await;
+        run.in_flight.set(run.in_flight.get() - 1);
+        if !ok {
+            client = None; // connection is broken; reconnect for the next message
+        }
+    }
+    if let Some(c) = client {
+        c.quit().await;
+    }
+    run.workers.set(run.workers.get() - 1);
+    if run.workers.get() == 0 {
+        finish(&ctx, &run).await;
+    }
+}
+
+/// Delivers one part. Returns false when the connection should be dropped.
+async fn deliver_one(ctx: &Rc<ShardCtx>, run: &Run, client: &mut SmtpClient, mut entry: QueueEntry) -> bool {
+    let qid = spool::queue_id(entry.msg_id);
+    let bytes = match ctx.files.read(entry.loc).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(queue_id = %qid, error = %e, "cannot read spooled message; left queued");
+            run.deferred.borrow_mut().push(entry);
+            return true;
+        }
+    };
+    let view = match record::parse(&bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(queue_id = %qid, error = %e, "spooled message is damaged; left in the spool");
+            return true;
+        }
+    };
+    let sender = String::from_utf8_lossy(view.sender).into_owned();
+    let rcpts: Vec<String> = entry
+        .rcpts
+        .iter()
+        .filter_map(|i| view.recipients.get(*i as usize))
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let msg = OutboundMessage {
+        sender: &sender,
+        recipients: &rcpt_refs,
+        body: view.data,
+        eight_bit: view.eight_bit,
+        size: view.data.len(),
+    };
+    let outcomes = match client.send(&msg).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::info!(queue_id = %qid, error = %e, "delivery attempt failed; deferred");
+            run.deferred.borrow_mut().push(entry);
+            return false;
+        }
+    };
+    let mut updates = Vec::new();
+    let mut failed = Vec::new();
+    let mut still = Vec::new();
+    for (k, (idx, out)) in entry.rcpts.iter().zip(&outcomes).enumerate() {
+        match out {
+            RcptOutcome::Delivered(_) => updates.push((*idx, RcptState::Delivered)),
+            RcptOutcome::Failed(r) => {
+                updates.push((*idx, RcptState::Failed));
+                failed.push(FailedRecipient {
+                    recipient: rcpts[k].clone(),
+                    status: enhanced_of(r.code, &r.text),
+                    diagnostic: format!("smtp; {} {}", r.code, r.text.replace('\n', " ")),
+                    remote_mta: None,
+                });
+                tracing::info!(queue_id = %qid, code = r.code, "recipient failed permanently");
+            }
+            RcptOutcome::Deferred(r) => {
+                tracing::info!(queue_id = %qid, code = r.code, "recipient deferred");
+                still.push(*idx);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        queue_bounce(ctx, &view, &qid, failed).await;
+    }
+    if let Err(e) = ctx.files.set_states(entry.loc, view.state_offset, &updates).await {
+        tracing::error!(queue_id = %qid, error = %e, "cannot record delivery state; may be delivered again after a restart");
+    }
+    run.touched.borrow_mut().insert(entry.loc.segment);
+    let delivered = updates.iter().filter(|(_, s)| *s == RcptState::Delivered).count();
+    if delivered > 0 {
+        run.delivered.set(run.delivered.get() + 1);
+        tracing::info!(queue_id = %qid, delivered, "delivered");
+    }
+    if still.is_empty() {
+        ctx.part_done(entry.table_shard as usize, entry.loc.segment);
+    } else {
+        entry.rcpts = still;
+        run.deferred.borrow_mut().push(entry);
+    }
+    true
+}
+
+fn enhanced_of(code: u16, text: &str) -> String {
+    let first = text.split_whitespace().next().unwrap_or("");
+    let ok = first.split('.').count() == 3
+        && first
+            .split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if ok {
+        first.to_owned()
+    } else {
+        format!("{}.0.0", code / 100)
+    }
+}
+
+async fn fail_all(ctx: &Rc<ShardCtx>, run: &Run, entry: QueueEntry, status: &str, reason: &str) {
+    let qid = spool::queue_id(entry.msg_id);
+    let Ok(bytes) = ctx.files.read(entry.loc).await else {
+        run.deferred.borrow_mut().push(entry);
+        return;
+    };
+    let Ok(view) = record::parse(&bytes) else { return };
+    let failed: Vec<FailedRecipient> = entry
+        .rcpts
+        .iter()
+        .filter_map(|i| view.recipients.get(*i as usize))
+        .map(|r| FailedRecipient {
+            recipient: String::from_utf8_lossy(r).into_owned(),
+            status: status.to_owned(),
+            diagnostic: format!("x-etrn-relay; {reason}"),
+            remote_mta: None,
+        })
+        .collect();
+    tracing::info!(queue_id = %qid, reason, "bouncing");
+    queue_bounce(ctx, &view, &qid, failed).await;
+    let updates: Vec<(u16, RcptState)> = entry.rcpts.iter().map(|i| (*i, RcptState::Failed)).collect();
+    let _ = ctx.files.set_states(entry.loc, view.state_offset, &updates).await;
+    run.touched.borrow_mut().insert(entry.loc.segment);
+    ctx.part_done(entry.table_shard as usize, entry.loc.segment);
+}
+
+/// Builds the DSN and spools it like any accepted message, to the sender's node. Bounces to
+/// `<>` are never sent; a sender outside every configured node cannot be reached by a
+/// hold-and-release relay, so that DSN is logged and dropped.
+async fn queue_bounce(ctx: &Rc<ShardCtx>, view: &record::RecordView<'_>, qid: &str, failed: Vec<FailedRecipient>) {
+    if view.sender.is_empty() {
+        tracing::info!(queue_id = qid, "no bounce for the null sender");
+        return;
+    }
+    let sender = String::from_utf8_lossy(view.sender).into_owned();
+    let domain = sender.rsplit_once('@').map_or("", |(_, d)| d);
+    let Some(node) = ctx.cfg.node_index_for_domain(domain).map(|i| NodeIdx(i as u32)) else {
+        tracing::warn!(queue_id = qid, sender = %sender, "bounce not queued: the sender is not at a configured node");
+        return;
+    };
+    let now = SystemTime::now();
+    let body = build_bounce(&BounceInput {
+        reporting_mta: &ctx.cfg.hostname,
+        original_sender: &sender,
+        original_queue_id: qid,
+        arrival_date: UNIX_EPOCH + Duration::from_secs(view.arrival),
+        failed: &failed,
+        original_message: view.data,
+        now,
+    });
+    let msg_id = ctx.next_msg_id();
+    let mut b = RecordBuilder::new(msg_id, spool::unix_now(), b"", &[sender.as_bytes()], body.len());
+    b.data_mut().extend_from_slice(&body);
+    let rec = b.finish(false);
+    let len = rec.len() as u32;
+    let owner = ctx.owner_of(node);
+    if owner != ctx.id && !ctx.inboxes[owner].reserve(1) {
+        tracing::warn!(queue_id = qid, "bounce not queued: owning shard busy");
+        return;
+    }
+    match ctx.writer.commit(rec, 1).await {
+        Ok(loc) => {
+            let entry = QueueEntry {
+                loc,
+                msg_id,
+                arrival: spool::unix_now(),
+                size: len,
+                rcpts: vec![0],
+                table_shard: ctx.id as u16,
+            };
+            tracing::info!(queue_id = qid, bounce_id = %spool::queue_id(msg_id), "bounce queued");
+            if owner == ctx.id {
+                ctx.enqueue_local(node, entry);
+            } else {
+                ctx.inboxes[owner].send_reserved(ShardMsg::Enqueue { node, entry });
+            }
+        }
+        Err(e) => {
+            if owner != ctx.id {
+                ctx.inboxes[owner].release(1);
+            }
+            tracing::error!(queue_id = qid, error = %e, "bounce could not be spooled");
+        }
+    }
+}
+
+async fn finish(ctx: &Rc<ShardCtx>, run: &Rc<Run>) {
+    // Mail that arrived after the workers drained the queue: keep going.
+    let queued = ctx.queues.borrow().get(run.node).map_or(0, |q| q.len());
+    let reachable = !run.targets.borrow().is_empty() && run.deferred.borrow().is_empty();
+    if queued > 0 && reachable {
+        add_workers(ctx, run);
+        if run.workers.get() > 0 {
+            return;
+        }
+    }
+    let touched: Vec<SegmentId> = run.touched.borrow_mut().drain().collect();
+    for seg in touched {
+        let _ = ctx.files.sync(seg).await;
+    }
+    let deferred = std::mem::take(&mut *run.deferred.borrow_mut());
+    let n_deferred = deferred.len();
+    {
+        let mut qs = ctx.queues.borrow_mut();
+        let q = qs.get_mut(run.node);
+        for e in deferred {
+            q.push(e);
+        }
+    }
+    ctx.runs.active.borrow_mut().remove(&run.node);
+    if ctx.runs.active.borrow().is_empty() {
+        ctx.files.close_all();
+    }
+    tracing::info!(
+        node = %ctx.cfg.nodes[run.node.0 as usize].name,
+        delivered = run.delivered.get(),
+        deferred = n_deferred,
+        "queue run finished"
+    );
+}

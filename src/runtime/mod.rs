@@ -1,0 +1,320 @@
+//! The thread-per-core runtime: one glommio executor per shard, the [`ShardRouter`] that maps a
+//! node to its owning shard, the typed cross-shard messages and their bounded inboxes, and
+//! start-up (spool lock, recovery scan, distribution of the recovered queues).
+//!
+//! Cross-shard traffic is one-way: a sender reserves a slot in the receiver's inbox
+//! ([`Inbox::reserve`]) *before* it does work whose result must be delivered, so a full inbox
+//! becomes a 4xx reply up front and never a blocked executor or an unbounded queue. Nothing
+//! here awaits another shard.
+
+pub mod shard;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+
+use crate::config::{Config, NodeName, Placement};
+use crate::queue::{NodeIdx, QueueEntry};
+use crate::spool::{self, SegmentId, SpoolDir};
+
+pub use shard::ShardCtx;
+
+/// Maps nodes to shards with a stable hash (FNV-1a), the same in every process and release, so
+/// a restart with the same shard count routes exactly as before.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardRouter {
+    shards: usize,
+}
+
+impl ShardRouter {
+    /// A router over `shards` shards.
+    pub fn new(shards: usize) -> ShardRouter {
+        ShardRouter { shards: shards.max(1) }
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// The shard that owns `node`'s queue.
+    pub fn shard_for(&self, node: &NodeName) -> usize {
+        (fnv1a(node.as_str().as_bytes()) % self.shards as u64) as usize
+    }
+
+    /// The shard that keeps the live-part count of a segment found at start-up.
+    pub fn shard_for_segment(&self, seg: SegmentId) -> usize {
+        (fnv1a(&seg.0.to_le_bytes()) % self.shards as u64) as usize
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// A message from one shard to another.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// A newly spooled message's part for a node this shard owns.
+    Enqueue {
+        /// The node.
+        node: NodeIdx,
+        /// The part.
+        entry: QueueEntry,
+    },
+    /// A part of a message in a segment this shard accounts for is finished.
+    PartDone(SegmentId),
+    /// An ETRN for nodes this shard owns.
+    Etrn(crate::etrn::EtrnRequest),
+}
+
+/// The bounded inbox of one shard. The channel itself is unbounded; the bound is enforced by
+/// `permits`, which senders take with [`Inbox::reserve`] before they commit to sending.
+#[derive(Clone)]
+pub struct Inbox {
+    tx: async_channel::Sender<ShardMsg>,
+    used: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl Inbox {
+    /// Creates an inbox and its receiving end.
+    pub fn new(capacity: usize) -> (Inbox, InboxReceiver) {
+        let (tx, rx) = async_channel::unbounded();
+        let used = Arc::new(AtomicUsize::new(0));
+        (
+            Inbox {
+                tx,
+                used: used.clone(),
+                capacity,
+            },
+            InboxReceiver { rx, used },
+        )
+    }
+
+    /// Takes `n` slots; false (and nothing taken) when the inbox is too full.
+    pub fn reserve(&self, n: usize) -> bool {
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            if cur + n > self.capacity {
+                return false;
+            }
+            match self
+                .used
+                .compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    /// Gives back slots taken with `reserve` that will not be used.
+    pub fn release(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Sends using a slot taken earlier with `reserve`. Never blocks.
+    pub fn send_reserved(&self, msg: ShardMsg) {
+        if self.tx.try_send(msg).is_err() {
+            // Only when the receiving shard is gone (shutdown); give the slot back.
+            self.release(1);
+        }
+    }
+
+    /// Reserves one slot and sends; gives the message back when the inbox is full.
+    pub fn try_send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        if !self.reserve(1) {
+            return Err(msg);
+        }
+        self.send_reserved(msg);
+        Ok(())
+    }
+}
+
+/// The receiving end of an [`Inbox`].
+pub struct InboxReceiver {
+    rx: async_channel::Receiver<ShardMsg>,
+    used: Arc<AtomicUsize>,
+}
+
+impl InboxReceiver {
+    /// Waits for the next message (None when every sender is gone).
+    pub async fn recv(&self) -> Option<ShardMsg> {
+        let m = self.rx.recv().await.ok()?;
+        self.used.fetch_sub(1, Ordering::AcqRel);
+        Some(m)
+    }
+}
+
+/// Everything one shard starts with, prepared by the main thread.
+#[derive(Default)]
+pub struct ShardInit {
+    /// Recovered queue entries for nodes this shard owns.
+    pub entries: Vec<(NodeIdx, QueueEntry)>,
+    /// Recovered live-part counts of segments this shard accounts for.
+    pub segments: Vec<(SegmentId, usize)>,
+}
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Spool could not be opened or is locked.
+    #[error(transparent)]
+    Spool(#[from] spool::OpenError),
+    /// Recovery scan failed.
+    #[error("spool recovery scan failed: {0}")]
+    Scan(std::io::Error),
+    /// The executors could not start.
+    #[error("cannot start executors: {0}")]
+    Executor(String),
+}
+
+/// Distributes a recovery scan over the shards.
+pub fn distribute(cfg: &Config, router: ShardRouter, scan: &spool::ScanResult) -> Vec<ShardInit> {
+    let mut inits: Vec<ShardInit> = (0..router.shards()).map(|_| ShardInit::default()).collect();
+    let mut parts_per_segment: std::collections::HashMap<SegmentId, usize> = Default::default();
+    for m in &scan.messages {
+        let mut by_node: Vec<(NodeIdx, Vec<u16>)> = Vec::new();
+        let mut orphan = false;
+        for (idx, rcpt) in &m.pending {
+            let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
+            match cfg.node_index_for_domain(domain) {
+                Some(n) => {
+                    let n = NodeIdx(n as u32);
+                    match by_node.iter_mut().find(|(k, _)| *k == n) {
+                        Some((_, v)) => v.push(*idx),
+                        None => by_node.push((n, vec![*idx])),
+                    }
+                }
+                None => orphan = true,
+            }
+        }
+        if orphan {
+            tracing::warn!(queue_id = %spool::queue_id(m.msg_id), "message has recipients of a node no longer configured; kept in the spool untouched");
+        }
+        let table_shard = router.shard_for_segment(m.location.segment);
+        *parts_per_segment.entry(m.location.segment).or_default() += by_node.len() + usize::from(orphan);
+        for (node, rcpts) in by_node {
+            let owner = router.shard_for(&cfg.nodes[node.0 as usize].name);
+            inits[owner].entries.push((
+                node,
+                QueueEntry {
+                    loc: m.location,
+                    msg_id: m.msg_id,
+                    arrival: m.arrival,
+                    size: m.location.len,
+                    rcpts,
+                    table_shard: table_shard as u16,
+                },
+            ));
+        }
+    }
+    for (seg, parts) in parts_per_segment {
+        inits[router.shard_for_segment(seg)].segments.push((seg, parts));
+    }
+    inits
+}
+
+/// Opens the spool, recovers it, starts every shard and blocks until they stop.
+pub fn run(cfg: Config) -> Result<(), StartError> {
+    let cfg = Arc::new(cfg);
+    let spool_dir = SpoolDir::open(&cfg.spool_dir)?;
+    let seg_dir = spool_dir.segments_dir();
+    let t0 = std::time::Instant::now();
+    let scan = spool::scan(&seg_dir).map_err(StartError::Scan)?;
+    for dead in &scan.dead_segments {
+        let _ = std::fs::remove_file(seg_dir.join(dead.file_name()));
+    }
+    let router = ShardRouter::new(cfg.shards);
+    let inits = distribute(&cfg, router, &scan);
+    tracing::info!(
+        messages = scan.messages.len(),
+        segments = scan.live_segments.len(),
+        removed_segments = scan.dead_segments.len(),
+        corrupt_records = scan.corrupt_records,
+        elapsed_ms = t0.elapsed().as_millis() as u64,
+        "spool recovered"
+    );
+    drop(scan);
+    if cfg.nodes.is_empty() {
+        tracing::warn!("no [[node]] configured: this relay accepts mail for nobody until nodes are configured");
+    }
+    let mut inboxes = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in 0..router.shards() {
+        let (tx, rx) = Inbox::new(65_536);
+        inboxes.push(tx);
+        receivers.push(Some(rx));
+    }
+    let inboxes = Arc::new(inboxes);
+    let receivers = Arc::new(Mutex::new(receivers));
+    let inits = Arc::new(Mutex::new(inits.into_iter().map(Some).collect::<Vec<_>>()));
+    let next_shard = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let placement = match cfg.placement {
+        Placement::Pinned => PoolPlacement::MaxSpread(router.shards(), None),
+        Placement::Unbound => PoolPlacement::Unbound(router.shards()),
+    };
+    let listen: Vec<SocketAddr> = cfg.smtp.listen.clone();
+    let handles = LocalExecutorPoolBuilder::new(placement)
+        .name("etrn-shard")
+        .io_memory(1 << 20)
+        .on_all_shards({
+            let cfg = cfg.clone();
+            move || async move {
+                let id = next_shard.fetch_add(1, Ordering::SeqCst);
+                let init = inits.lock().expect("init lock")[id].take().unwrap_or_default();
+                let rx = receivers.lock().expect("rx lock")[id]
+                    .take()
+                    .expect("one receiver per shard");
+                let ctx = ShardCtx::new(id, cfg, router, inboxes, seg_dir, connections, init);
+                shard::serve(ctx, rx, listen).await;
+            }
+        })
+        .map_err(|e| StartError::Executor(e.to_string()))?;
+    let _lock = spool_dir; // held until every shard has stopped
+    for r in handles.join_all() {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "shard stopped with an error");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn router_is_stable_and_spreads() {
+        let r = ShardRouter::new(4);
+        let n = NodeName::parse("node1.test").unwrap();
+        assert_eq!(r.shard_for(&n), r.shard_for(&NodeName::parse("NODE1.test").unwrap()));
+        // Pinned value: changing the hash would re-route every spooled queue.
+        assert_eq!(fnv1a(b"node1.test"), fnv1a(b"node1.test"));
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        let mut counts = [0; 4];
+        for i in 0..1000 {
+            counts[r.shard_for(&NodeName::parse(&format!("n{i}.test")).unwrap())] += 1;
+        }
+        assert!(counts.iter().all(|c| *c > 150), "{counts:?}");
+    }
+
+    #[test]
+    fn inbox_bound_is_enforced() {
+        let (tx, _rx) = Inbox::new(2);
+        assert!(tx.reserve(2));
+        assert!(!tx.reserve(1));
+        tx.release(1);
+        assert!(tx.try_send(ShardMsg::PartDone(SegmentId(1))).is_ok());
+        assert!(tx.try_send(ShardMsg::PartDone(SegmentId(1))).is_err());
+    }
+}

@@ -1,0 +1,195 @@
+//! One shard: its context (spool writer, segment accounting, the node queues it owns), its
+//! inbox loop and its listeners.
+//!
+//! Everything in [`ShardCtx`] is touched only from this shard's executor thread, except the
+//! `Arc`s shared with other shards (configuration, inboxes, the global connection counter).
+//! `RefCell` borrows are kept inside synchronous sections.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Inbox, InboxReceiver, ShardInit, ShardMsg, ShardRouter};
+use crate::config::Config;
+use crate::queue::{NodeIdx, QueueEntry, ShardQueues};
+use crate::spool::{SegmentFiles, SegmentId, SegmentTable, SpoolWriter};
+
+/// Per-shard state, shared by the shard's tasks through an `Rc`.
+pub struct ShardCtx {
+    /// This shard's index.
+    pub id: usize,
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// Node-to-shard map.
+    pub router: ShardRouter,
+    /// Every shard's inbox (including ours).
+    pub inboxes: Arc<Vec<Inbox>>,
+    /// Our appender.
+    pub writer: SpoolWriter,
+    /// Live-part accounting of the segments this shard is responsible for.
+    pub table: Rc<SegmentTable>,
+    /// Read/state handles for segments (any shard's).
+    pub files: Rc<SegmentFiles>,
+    /// The node queues this shard owns.
+    pub queues: RefCell<ShardQueues>,
+    /// Open connections over all shards.
+    pub connections: Arc<AtomicUsize>,
+    /// DATA bytes held in memory on this shard right now.
+    pub inflight_bytes: Cell<usize>,
+    /// Cross-shard messages that found the target inbox full; retried by a timer.
+    backlog: RefCell<Vec<(usize, ShardMsg)>>,
+    /// Per-shard ETRN and AUTH abuse limits.
+    pub etrn: crate::etrn::EtrnState,
+    /// Queue runs in progress on this shard.
+    pub runs: crate::queue_run::Runs,
+    /// MX resolver with this shard's cache.
+    pub resolver: crate::dns::Resolver,
+    ids: RefCell<crate::spool::IdGen>,
+}
+
+impl ShardCtx {
+    /// Builds the context and loads the recovered queues.
+    pub fn new(
+        id: usize,
+        cfg: Arc<Config>,
+        router: ShardRouter,
+        inboxes: Arc<Vec<Inbox>>,
+        seg_dir: PathBuf,
+        connections: Arc<AtomicUsize>,
+        init: ShardInit,
+    ) -> Rc<ShardCtx> {
+        let table = Rc::new(SegmentTable::new(seg_dir.clone()));
+        for (seg, parts) in init.segments {
+            table.add_parts(seg, parts, true);
+        }
+        let mut queues = ShardQueues::default();
+        for (node, entry) in init.entries {
+            queues.get_mut(node).push(entry);
+        }
+        let writer = SpoolWriter::start(seg_dir.clone(), id, segment_size(&cfg), table.clone());
+        Rc::new(ShardCtx {
+            id,
+            etrn: crate::etrn::EtrnState::new(&cfg),
+            runs: Default::default(),
+            resolver: crate::dns::Resolver::new(crate::dns::ResolverConfig {
+                nameservers: cfg.dns.nameservers.clone(),
+                timeout: cfg.dns.timeout,
+                attempts: 2,
+                own_hostnames: vec![cfg.hostname.clone()],
+            }),
+            ids: RefCell::new(crate::spool::IdGen::new(id)),
+            cfg,
+            router,
+            inboxes,
+            writer,
+            table,
+            files: Rc::new(SegmentFiles::new(seg_dir)),
+            queues: RefCell::new(queues),
+            connections,
+            inflight_bytes: Cell::new(0),
+            backlog: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// A new message id (queue id).
+    pub fn next_msg_id(&self) -> u64 {
+        self.ids.borrow_mut().next_id()
+    }
+
+    /// The shard owning a node's queue.
+    pub fn owner_of(&self, node: NodeIdx) -> usize {
+        self.router.shard_for(&self.cfg.nodes[node.0 as usize].name)
+    }
+
+    /// Adds a part to a local node queue.
+    pub fn enqueue_local(&self, node: NodeIdx, entry: QueueEntry) {
+        self.queues.borrow_mut().get_mut(node).push(entry);
+        crate::etrn::on_enqueue(self, node);
+    }
+
+    /// Reports a finished part to the shard accounting for its segment; never blocks.
+    pub fn part_done(self: &Rc<Self>, table_shard: usize, seg: SegmentId) {
+        if table_shard == self.id {
+            if self.table.part_done(seg) {
+                let me = self.clone();
+                glommio::spawn_local(async move {
+                    me.files.close_all();
+                    me.table.remove(seg).await;
+                })
+                .detach();
+            }
+        } else {
+            self.send_or_backlog(table_shard, ShardMsg::PartDone(seg));
+        }
+    }
+
+    /// Sends to another shard; if its inbox is full, keeps the message for the retry timer.
+    pub fn send_or_backlog(&self, shard: usize, msg: ShardMsg) {
+        if let Err(msg) = self.inboxes[shard].try_send(msg) {
+            self.backlog.borrow_mut().push((shard, msg));
+        }
+    }
+
+    fn retry_backlog(&self) {
+        let pending = std::mem::take(&mut *self.backlog.borrow_mut());
+        for (shard, msg) in pending {
+            self.send_or_backlog(shard, msg);
+        }
+    }
+}
+
+fn segment_size(cfg: &Config) -> u64 {
+    cfg.spool_segment_size
+}
+
+/// Runs a shard until the process stops: the inbox loop, the backlog timer and the listeners.
+pub async fn serve(ctx: Rc<ShardCtx>, inbox: InboxReceiver, listen: Vec<SocketAddr>) {
+    glommio::spawn_local({
+        let ctx = ctx.clone();
+        async move {
+            while let Some(msg) = inbox.recv().await {
+                handle_msg(&ctx, msg);
+            }
+        }
+    })
+    .detach();
+    glommio::spawn_local({
+        let ctx = ctx.clone();
+        async move {
+            loop {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                ctx.retry_backlog();
+            }
+        }
+    })
+    .detach();
+    crate::etrn::start_shard_tasks(&ctx);
+    let mut tasks = Vec::new();
+    for addr in listen {
+        match glommio::net::TcpListener::bind(addr) {
+            Ok(l) => {
+                tracing::info!(shard = ctx.id, %addr, "listening");
+                tasks.push(glommio::spawn_local(crate::smtp::server::accept_loop(ctx.clone(), l)));
+            }
+            Err(e) => {
+                tracing::error!(shard = ctx.id, %addr, error = %e, "cannot listen");
+                std::process::exit(1);
+            }
+        }
+    }
+    for t in tasks {
+        t.await;
+    }
+}
+
+fn handle_msg(ctx: &Rc<ShardCtx>, msg: ShardMsg) {
+    match msg {
+        ShardMsg::Enqueue { node, entry } => ctx.enqueue_local(node, entry),
+        ShardMsg::PartDone(seg) => ctx.part_done(ctx.id, seg),
+        ShardMsg::Etrn(req) => crate::etrn::handle_request(ctx, req),
+    }
+}

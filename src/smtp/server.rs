@@ -1,0 +1,561 @@
+//! The socket edge of the SMTP server: the accept loop, one task per connection, the read
+//! buffer, pipelining, limits and timeouts, and the hand-off of finished messages to the spool
+//! and to the owning shards.
+//!
+//! Reading: one buffer per connection; commands are found with `memchr` and handed to the
+//! session as slices of that buffer (no per-command allocation). Replies are appended to an
+//! output buffer that is written only when no complete command is left in the input, so a
+//! pipelined batch gets its replies in one write (RFC 2920).
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use super::data::{count_received_headers, DataError, DataReceiver, Feed};
+use super::reply::{common, Reply};
+use super::session::{Action, Session};
+use crate::queue::{NodeIdx, QueueEntry};
+use crate::runtime::{ShardCtx, ShardMsg};
+use crate::spool::{self, record::RecordBuilder, SpoolError};
+
+/// Most `Received:` headers a message may carry before we call it a loop (RFC 5321 6.3).
+pub const MAX_RECEIVED: usize = 50;
+
+/// Accepts connections on one listener forever.
+pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let n = ctx.connections.fetch_add(1, Ordering::AcqRel) + 1;
+                let ctx = ctx.clone();
+                glommio::spawn_local(async move {
+                    let _guard = ConnGuard(ctx.clone());
+                    if n > ctx.cfg.smtp.max_connections {
+                        let mut s = stream;
+                        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+                        let _ = s.write_all(&common::TOO_MANY_CONNECTIONS.to_bytes()).await;
+                        let _ = s.close().await;
+                        return;
+                    }
+                    let peer = stream
+                        .peer_addr()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                    if let Err(e) = Connection::new(ctx, stream, peer).run().await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                })
+                .detach();
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(shard = ctx.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+struct ConnGuard(Rc<ShardCtx>);
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// Socket error (including timeouts).
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The result of looking for the next command line in the buffer.
+enum NextLine {
+    /// `buf[start..end]` is a line (CRLF removed); `next` is where the following data starts.
+    Line {
+        start: usize,
+        end: usize,
+        next: usize,
+        bare_lf: bool,
+    },
+    /// The line is longer than the limit; the buffer was cleared up to where scanning stopped.
+    TooLong,
+    /// No complete line yet.
+    Incomplete,
+}
+
+/// One client connection.
+pub struct Connection {
+    ctx: Rc<ShardCtx>,
+    stream: TcpStream,
+    session: Session,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    out: Vec<u8>,
+    /// Discarding an overlong line until its LF.
+    discarding: bool,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+impl Connection {
+    fn new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) -> Connection {
+        let size = (ctx.cfg.smtp.max_command_line * 2).max(64 * 1024);
+        let session = Session::new(ctx.cfg.clone(), peer);
+        Connection {
+            ctx,
+            stream,
+            session,
+            buf: vec![0; size],
+            start: 0,
+            end: 0,
+            out: Vec::with_capacity(4096),
+            discarding: false,
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Reads more input. Ok(false) on EOF.
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n > 0)
+    }
+
+    fn next_line(&mut self) -> NextLine {
+        let max = self.ctx.cfg.smtp.max_command_line;
+        let avail = &self.buf[self.start..self.end];
+        match memchr::memchr(b'\n', avail) {
+            Some(p) => {
+                let bare_lf = p == 0 || avail[p - 1] != b'\r';
+                let line_end = if bare_lf { self.start + p } else { self.start + p - 1 };
+                let next = self.start + p + 1;
+                if self.discarding {
+                    self.discarding = false;
+                    self.start = next;
+                    return NextLine::TooLong;
+                }
+                if p + 1 > max {
+                    self.start = next;
+                    return NextLine::TooLong;
+                }
+                NextLine::Line {
+                    start: self.start,
+                    end: line_end,
+                    next,
+                    bare_lf,
+                }
+            }
+            None if avail.len() >= max || self.discarding => {
+                // Keep reading until the LF, dropping what we have; answer once, at the end.
+                self.discarding = true;
+                self.start = self.end;
+                NextLine::Incomplete
+            }
+            None => NextLine::Incomplete,
+        }
+    }
+
+    async fn run(mut self) -> Result<(), ConnError> {
+        let cfg = self.ctx.cfg.clone();
+        self.stream
+            .set_read_timeout(Some(cfg.smtp.timeout))
+            .map_err(std::io::Error::from)?;
+        self.stream
+            .set_write_timeout(Some(cfg.smtp.timeout))
+            .map_err(std::io::Error::from)?;
+        let _ = self.stream.set_nodelay(true);
+        self.session.greeting().encode_into(&mut self.out);
+        self.flush().await?;
+        loop {
+            match self.next_line() {
+                NextLine::Line {
+                    start,
+                    end,
+                    next,
+                    bare_lf,
+                } => {
+                    self.start = next;
+                    if bare_lf {
+                        Reply::new(
+                            500,
+                            "5.5.2",
+                            "Syntax error: bare <LF> received, lines must end with <CR><LF>",
+                        )
+                        .encode_into(&mut self.out);
+                        continue;
+                    }
+                    let action = self.session.handle(&self.buf[start..end]);
+                    if let Flow::Close = self.perform(action).await? {
+                        self.flush().await?;
+                        let _ = self.stream.close().await;
+                        return Ok(());
+                    }
+                }
+                NextLine::TooLong => common::LINE_TOO_LONG.encode_into(&mut self.out),
+                NextLine::Incomplete => {
+                    self.flush().await?;
+                    match self.fill().await {
+                        Ok(true) => {}
+                        Ok(false) => return Ok(()),
+                        Err(e) if is_timeout(&e) => {
+                            self.out.clear();
+                            common::TIMEOUT.encode_into(&mut self.out);
+                            let _ = self.flush().await;
+                            let _ = self.stream.close().await;
+                            return Ok(());
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn perform(&mut self, action: Action) -> Result<Flow, ConnError> {
+        match action {
+            Action::Reply(r) => r.encode_into(&mut self.out),
+            Action::Quit => {
+                Reply::owned(221, "2.0.0", format!("{} closing connection", self.ctx.cfg.hostname))
+                    .encode_into(&mut self.out);
+                return Ok(Flow::Close);
+            }
+            Action::StartData => return self.receive_data().await,
+            Action::Etrn(arg) => {
+                let reply = crate::etrn::handle_command(&self.ctx, &self.session, &arg).await;
+                reply.encode_into(&mut self.out);
+            }
+            Action::Auth(mech, initial) => {
+                let reply = self.authenticate(&mech, initial.as_deref()).await?;
+                reply.encode_into(&mut self.out);
+            }
+            Action::StartTls => Reply::new(454, "4.7.0", "TLS not available").encode_into(&mut self.out),
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Reads one line for a multi-step exchange (AUTH). None on EOF or an overlong line.
+    async fn read_exchange_line(&mut self) -> Result<Option<Vec<u8>>, ConnError> {
+        loop {
+            match self.next_line() {
+                NextLine::Line { start, end, next, .. } => {
+                    self.start = next;
+                    return Ok(Some(self.buf[start..end].to_vec()));
+                }
+                NextLine::TooLong => return Ok(None),
+                NextLine::Incomplete => {
+                    self.flush().await?;
+                    if !self.fill().await? {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, mech: &[u8], initial: Option<&[u8]>) -> Result<Reply, ConnError> {
+        use crate::auth::{Mechanism, ServerExchange, Step};
+        let peer_ip = self.session.peer().ip();
+        if let Some(left) = self.ctx.etrn.auth_locked_out(peer_ip) {
+            return Ok(Reply::owned(
+                454,
+                "4.7.0",
+                format!(
+                    "Too many authentication failures, try again in {} s",
+                    left.as_secs() + 1
+                ),
+            ));
+        }
+        let Some(m) = Mechanism::parse(mech) else {
+            return Ok(Reply::new(504, "5.5.4", "Unrecognized authentication mechanism"));
+        };
+        if m != Mechanism::CramMd5 && !self.session.plaintext_auth_allowed() {
+            return Ok(Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            ));
+        }
+        let (mut ex, mut step) = ServerExchange::start(m, initial, &self.ctx.cfg.hostname);
+        loop {
+            match step {
+                Step::Challenge(c) => {
+                    self.out.extend_from_slice(b"334 ");
+                    self.out.extend_from_slice(c.as_bytes());
+                    self.out.extend_from_slice(b"\r\n");
+                    let Some(line) = self.read_exchange_line().await? else {
+                        return Ok(Reply::new(501, "5.5.2", "Authentication exchange line invalid"));
+                    };
+                    step = ex.step(&line);
+                }
+                Step::Failed(e) => {
+                    let (code, enh, text) = e.reply_code();
+                    return Ok(Reply::new(code, enh, text));
+                }
+                Step::Done(creds) => {
+                    let ok = self.ctx.cfg.nodes.iter().any(|n| {
+                        n.user.as_deref() == Some(creds.user())
+                            && n.password.as_deref().is_some_and(|p| creds.verify(creds.user(), p))
+                    });
+                    if ok {
+                        self.ctx.etrn.auth_success(peer_ip);
+                        tracing::info!(peer = %self.session.peer(), user = creds.user(), mechanism = m.name(), "authenticated");
+                        self.session.authenticated = Some(creds.user().to_owned());
+                        self.session.auth_mechanism = Some(m);
+                        return Ok(Reply::new(235, "2.7.0", "Authentication successful"));
+                    }
+                    let delay = self.ctx.etrn.auth_failure(peer_ip);
+                    tracing::warn!(peer = %self.session.peer(), user = creds.user(), "authentication failed");
+                    self.flush().await?;
+                    glommio::timer::sleep(delay).await;
+                    return Ok(Reply::new(535, "5.7.8", "Authentication credentials invalid"));
+                }
+            }
+        }
+    }
+
+    async fn receive_data(&mut self) -> Result<Flow, ConnError> {
+        let cfg = self.ctx.cfg.clone();
+        let budget = cfg.smtp.max_inflight_bytes;
+        if self.ctx.inflight_bytes.get() >= budget {
+            self.session.take_transaction();
+            common::STORAGE.encode_into(&mut self.out);
+            return Ok(Flow::Continue);
+        }
+        let txn = self
+            .session
+            .transaction()
+            .expect("StartData only inside a transaction")
+            .clone();
+        let msg_id = self.ctx.next_msg_id();
+        let qid = spool::queue_id(msg_id);
+        let rcpt_refs: Vec<&[u8]> = txn.rcpts.iter().map(|(a, _)| a.as_slice()).collect();
+        let hint = txn
+            .params
+            .size
+            .map_or(16 * 1024, |s| s as usize)
+            .min(cfg.smtp.max_message_size)
+            + 1024;
+        let mut rec = RecordBuilder::new(msg_id, spool::unix_now(), &txn.sender, &rcpt_refs, hint);
+        self.write_received(rec.data_mut(), &qid, &txn.rcpts);
+        let received_len = rec.data().len();
+        Reply::new(354, "", "End data with <CR><LF>.<CR><LF>").encode_into(&mut self.out);
+        self.flush().await?;
+
+        let mut d = DataReceiver::new(cfg.smtp.max_message_size, cfg.smtp.max_text_line);
+        let mut held = 0usize; // bytes of this message counted in the shard's in-flight total
+        let mut over_budget = false;
+        let mut scratch = Vec::new();
+        let result = loop {
+            let before = rec.data().len();
+            let sink = if over_budget { &mut scratch } else { rec.data_mut() };
+            let fed = d.feed(&self.buf[self.start..self.end], sink);
+            scratch.clear();
+            let grown = rec.data().len() - before;
+            held += grown;
+            self.ctx.inflight_bytes.set(self.ctx.inflight_bytes.get() + grown);
+            if !over_budget && self.ctx.inflight_bytes.get() > budget {
+                over_budget = true;
+            }
+            match fed {
+                Feed::Done(n) => {
+                    self.start += n;
+                    break Ok(());
+                }
+                Feed::NeedMore => {
+                    self.start = self.end;
+                    match self.fill().await {
+                        Ok(true) => {}
+                        Ok(false) => break Err(None),
+                        Err(e) => break Err(Some(e)),
+                    }
+                }
+            }
+        };
+        let release = |ctx: &ShardCtx| ctx.inflight_bytes.set(ctx.inflight_bytes.get() - held);
+        self.session.take_transaction();
+        match result {
+            Ok(()) => {}
+            Err(None) => {
+                release(&self.ctx);
+                tracing::info!(queue_id = %qid, peer = %self.session.peer(), "client disconnected during DATA; message discarded");
+                return Ok(Flow::Close);
+            }
+            Err(Some(e)) => {
+                release(&self.ctx);
+                if is_timeout(&e) {
+                    tracing::info!(queue_id = %qid, peer = %self.session.peer(), "timeout during DATA; message discarded");
+                    self.out.clear();
+                    common::TIMEOUT.encode_into(&mut self.out);
+                    return Ok(Flow::Close);
+                }
+                return Err(e.into());
+            }
+        }
+        let reply = if let Some(err) = d.error() {
+            data_error_reply(err, &cfg)
+        } else if over_budget {
+            common::STORAGE
+        } else if count_received_headers(&rec.data()[received_len..]) + 1 > MAX_RECEIVED {
+            Reply::new(554, "5.4.6", "Too many Received headers: mail loop detected")
+        } else {
+            let eight_bit = d.saw_eight_bit() || txn.params.eight_bit;
+            self.spool(rec.finish(eight_bit), msg_id, &qid, &txn).await
+        };
+        release(&self.ctx);
+        if reply.is_error() {
+            tracing::info!(queue_id = %qid, peer = %self.session.peer(), reply = %reply.text, code = reply.code, "message rejected");
+        }
+        reply.encode_into(&mut self.out);
+        Ok(Flow::Continue)
+    }
+
+    fn write_received(&self, out: &mut Vec<u8>, qid: &str, rcpts: &[(Vec<u8>, NodeIdx)]) {
+        use std::io::Write;
+        let helo: String = self
+            .session
+            .helo_name()
+            .unwrap_or("unknown")
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(255)
+            .collect();
+        let proto = if self.session.is_esmtp() { "ESMTP" } else { "SMTP" };
+        let _ = write!(
+            out,
+            "Received: from {helo} ([{ip}])\r\n\tby {host} (etrn-relay) with {proto} id {qid}",
+            ip = self.session.peer().ip(),
+            host = self.ctx.cfg.hostname,
+        );
+        if let [(rcpt, _)] = rcpts {
+            out.extend_from_slice(b"\r\n\tfor <");
+            out.extend(rcpt.iter().filter(|c| c.is_ascii_graphic()));
+            out.push(b'>');
+        }
+        let _ = write!(out, "; {}\r\n", crate::dsn::rfc5322_date(SystemTime::now()));
+    }
+
+    /// Commits the record and hands its parts to the owning shards. Returns the reply.
+    async fn spool(&mut self, record: Vec<u8>, msg_id: u64, qid: &str, txn: &super::session::Transaction) -> Reply {
+        let t0 = Instant::now();
+        let mut parts: Vec<(NodeIdx, Vec<u16>)> = Vec::new();
+        for (i, (_, node)) in txn.rcpts.iter().enumerate() {
+            match parts.iter_mut().find(|(n, _)| n == node) {
+                Some((_, v)) => v.push(i as u16),
+                None => parts.push((*node, vec![i as u16])),
+            }
+        }
+        // Reserve inbox slots on the owning shards first: a full inbox is a 4xx now, before
+        // anything is written, never a lost or blocked hand-off later.
+        let owners: Vec<usize> = parts.iter().map(|(n, _)| self.ctx.owner_of(*n)).collect();
+        let mut reserved: Vec<usize> = Vec::new();
+        for &o in &owners {
+            if o == self.ctx.id {
+                continue;
+            }
+            if self.ctx.inboxes[o].reserve(1) {
+                reserved.push(o);
+            } else {
+                for r in reserved {
+                    self.ctx.inboxes[r].release(1);
+                }
+                return Reply::new(451, "4.3.0", "Queue busy, try again later");
+            }
+        }
+        let len = record.len() as u32;
+        let arrival = spool::unix_now();
+        match self.ctx.writer.commit(record, parts.len()).await {
+            Ok(loc) => {
+                for ((node, rcpts), owner) in parts.into_iter().zip(owners) {
+                    let entry = QueueEntry {
+                        loc,
+                        msg_id,
+                        arrival,
+                        size: len,
+                        rcpts,
+                        table_shard: self.ctx.id as u16,
+                    };
+                    if owner == self.ctx.id {
+                        self.ctx.enqueue_local(node, entry);
+                    } else {
+                        self.ctx.inboxes[owner].send_reserved(ShardMsg::Enqueue { node, entry });
+                    }
+                }
+                tracing::info!(
+                    queue_id = qid,
+                    from = %String::from_utf8_lossy(&txn.sender),
+                    nrcpt = txn.rcpts.len(),
+                    size = len,
+                    commit_us = t0.elapsed().as_micros() as u64,
+                    "queued"
+                );
+                Reply::owned(250, "2.0.0", format!("Ok: queued as {qid}"))
+            }
+            Err(e) => {
+                for r in reserved {
+                    self.ctx.inboxes[r].release(1);
+                }
+                tracing::error!(queue_id = qid, error = %e, "spool commit failed; message not accepted");
+                match e {
+                    SpoolError::Closed => common::SHUTDOWN,
+                    _ => common::STORAGE,
+                }
+            }
+        }
+    }
+}
+
+fn data_error_reply(err: DataError, cfg: &crate::config::Config) -> Reply {
+    match err {
+        DataError::TooBig => Reply::owned(
+            552,
+            "5.3.4",
+            format!(
+                "Message size exceeds fixed maximum message size ({} octets)",
+                cfg.smtp.max_message_size
+            ),
+        ),
+        DataError::LineTooLong => Reply::owned(
+            550,
+            "5.5.6",
+            format!(
+                "Message has a line longer than {} octets (RFC 5321 4.5.3.1.6)",
+                cfg.smtp.max_text_line
+            ),
+        ),
+        DataError::BareNewline => Reply::new(
+            550,
+            "5.5.2",
+            "Message contains a bare <CR> or <LF>; lines must end with <CR><LF> (RFC 5321 2.3.8)",
+        ),
+        DataError::Nul => Reply::new(550, "5.6.0", "Message contains a NUL octet"),
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
+}

@@ -1,0 +1,406 @@
+//! Per-shard spool I/O on glommio: the group-committing [`SpoolWriter`], the [`SegmentTable`]
+//! that decides when a segment file can go, and [`SegmentFiles`], the read/state-update handles
+//! a shard keeps for segments written by any shard.
+//!
+//! Group commit: `commit` puts the record on the shard's pending list and rings the flusher.
+//! The flusher takes *everything* pending, writes it, calls `fdatasync` once, and then answers
+//! every waiter. While it syncs, new records pile up for the next round, so under load one
+//! sync covers many messages and with one client it costs one sync per message.
+//!
+//! No `RefCell` borrow is held across an `.await` here.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::io::{BufferedFile, Directory, OpenOptions};
+
+use super::{record, IdGen, SegmentId};
+
+/// Where a record lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// Segment file.
+    pub segment: SegmentId,
+    /// Byte offset of the record.
+    pub offset: u64,
+    /// Record length including padding.
+    pub len: u32,
+}
+
+/// A spool write failed; nothing was acknowledged. Maps to `452 4.3.1`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    /// The file system is full.
+    #[error("spool file system full")]
+    Full,
+    /// Any other I/O error.
+    #[error("spool I/O error: {0}")]
+    Io(String),
+    /// The writer is shutting down.
+    #[error("spool closed")]
+    Closed,
+}
+
+impl From<glommio::GlommioError<()>> for SpoolError {
+    fn from(e: glommio::GlommioError<()>) -> SpoolError {
+        let io: std::io::Error = e.into();
+        if io.raw_os_error() == Some(libc::ENOSPC) || io.raw_os_error() == Some(libc::EDQUOT) {
+            SpoolError::Full
+        } else {
+            SpoolError::Io(io.to_string())
+        }
+    }
+}
+
+type Waiter = LocalSender<Result<Location, SpoolError>>;
+
+struct Pending {
+    record: Vec<u8>,
+    parts: usize,
+    done: Waiter,
+}
+
+struct Active {
+    id: SegmentId,
+    file: Rc<BufferedFile>,
+    pos: u64,
+}
+
+/// Live-message accounting per segment, owned by one shard. A segment is removed when its last
+/// pending part is done and it is sealed (no longer appended to).
+#[derive(Default)]
+pub struct SegmentTable {
+    live: RefCell<HashMap<SegmentId, (usize, bool)>>,
+    dir: PathBuf,
+}
+
+impl SegmentTable {
+    /// A table for segments in `dir`.
+    pub fn new(dir: PathBuf) -> SegmentTable {
+        SegmentTable {
+            live: RefCell::new(HashMap::new()),
+            dir,
+        }
+    }
+
+    /// Adds `parts` pending parts (one per node queue holding the message) to a segment.
+    pub fn add_parts(&self, seg: SegmentId, parts: usize, sealed: bool) {
+        let mut live = self.live.borrow_mut();
+        let e = live.entry(seg).or_insert((0, sealed));
+        e.0 += parts;
+        e.1 |= sealed;
+    }
+
+    /// Marks a segment sealed; returns true if it is now removable.
+    pub fn seal(&self, seg: SegmentId) -> bool {
+        let mut live = self.live.borrow_mut();
+        let e = live.entry(seg).or_insert((0, true));
+        e.1 = true;
+        e.0 == 0
+    }
+
+    /// One part of a message in `seg` is finished; returns true if the segment is now removable.
+    pub fn part_done(&self, seg: SegmentId) -> bool {
+        let mut live = self.live.borrow_mut();
+        match live.get_mut(&seg) {
+            Some(e) => {
+                e.0 = e.0.saturating_sub(1);
+                e.0 == 0 && e.1
+            }
+            None => false,
+        }
+    }
+
+    /// Number of segments tracked.
+    pub fn len(&self) -> usize {
+        self.live.borrow().len()
+    }
+
+    /// True when no segment is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes a segment file (after [`SegmentTable::part_done`] or [`SegmentTable::seal`]
+    /// returned true).
+    pub async fn remove(&self, seg: SegmentId) {
+        self.live.borrow_mut().remove(&seg);
+        let path = self.dir.join(seg.file_name());
+        match glommio::io::remove(&path).await {
+            Ok(()) => tracing::debug!(segment = %seg.file_name(), "segment fully delivered, removed"),
+            Err(e) => tracing::warn!(segment = %seg.file_name(), error = %e, "could not remove delivered segment"),
+        }
+    }
+}
+
+/// The shard's appender. Cheap to clone (an `Rc`).
+#[derive(Clone)]
+pub struct SpoolWriter {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
+    pending: RefCell<Vec<Pending>>,
+    bell: LocalSender<()>,
+    segment_size: u64,
+    closed: Cell<bool>,
+}
+
+impl SpoolWriter {
+    /// Starts the writer (and its flusher task) for one shard.
+    pub fn start(dir: PathBuf, shard: usize, segment_size: u64, table: Rc<SegmentTable>) -> SpoolWriter {
+        let (bell, ring) = local_channel::new_bounded(1);
+        let inner = Rc::new(Inner {
+            pending: RefCell::new(Vec::new()),
+            bell,
+            segment_size,
+            closed: Cell::new(false),
+        });
+        let flusher = Flusher {
+            inner: inner.clone(),
+            dir,
+            ids: RefCell::new(IdGen::new(shard)),
+            active: RefCell::new(None),
+            table,
+        };
+        glommio::spawn_local(flusher.run(ring)).detach();
+        SpoolWriter { inner }
+    }
+
+    /// Durably appends one finished record that `parts` node queues will reference. `Ok` means
+    /// written and fdatasynced. The parts are counted against the segment as soon as the record
+    /// has its place, so the segment cannot be removed before the queues hold the message.
+    pub async fn commit(&self, record: Vec<u8>, parts: usize) -> Result<Location, SpoolError> {
+        if self.inner.closed.get() {
+            return Err(SpoolError::Closed);
+        }
+        let (done, rx) = local_channel::new_bounded(1);
+        self.inner.pending.borrow_mut().push(Pending { record, parts, done });
+        let _ = self.inner.bell.try_send(());
+        rx.recv().await.unwrap_or(Err(SpoolError::Closed))
+    }
+
+    /// Stops accepting commits; the flusher finishes what it has.
+    pub fn close(&self) {
+        self.inner.closed.set(true);
+        let _ = self.inner.bell.try_send(());
+    }
+}
+
+struct Flusher {
+    inner: Rc<Inner>,
+    dir: PathBuf,
+    ids: RefCell<IdGen>,
+    active: RefCell<Option<Active>>,
+    table: Rc<SegmentTable>,
+}
+
+impl Flusher {
+    async fn run(self, ring: LocalReceiver<()>) {
+        while ring.recv().await.is_some() {
+            loop {
+                let batch = std::mem::take(&mut *self.inner.pending.borrow_mut());
+                if batch.is_empty() {
+                    break;
+                }
+                self.flush(batch).await;
+            }
+            if self.inner.closed.get() && self.inner.pending.borrow().is_empty() {
+                break;
+            }
+        }
+    }
+
+    async fn new_segment(&self) -> Result<Active, SpoolError> {
+        let id = SegmentId(self.ids.borrow_mut().next_id());
+        let path = self.dir.join(id.file_name());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .buffered_open(&path)
+            .await?;
+        // Preallocate: disk-full shows up here, before any client is told 250, and the
+        // extents exist so appends do not have to allocate.
+        if let Err(e) = file.pre_allocate(self.inner.segment_size, false).await {
+            let _ = file.close().await;
+            let _ = glommio::io::remove(&path).await;
+            return Err(e.into());
+        }
+        // The new name must survive a crash before any record in it is acknowledged.
+        let dir = Directory::open(&self.dir).await?;
+        dir.sync().await?;
+        let _ = dir.close().await;
+        self.table.add_parts(id, 0, false);
+        tracing::debug!(segment = %id.file_name(), "new spool segment");
+        Ok(Active {
+            id,
+            file: Rc::new(file),
+            pos: 0,
+        })
+    }
+
+    async fn flush(&self, batch: Vec<Pending>) {
+        let mut results: Vec<(Waiter, Result<Location, SpoolError>)> = Vec::with_capacity(batch.len());
+        // Files written in this round, synced once each at the end.
+        let mut touched: Vec<(Rc<BufferedFile>, Vec<usize>)> = Vec::new();
+        for p in batch {
+            let len = p.record.len() as u64;
+            let need_new = match &*self.active.borrow() {
+                None => true,
+                Some(a) => a.pos > 0 && a.pos + len > self.inner.segment_size,
+            };
+            if need_new {
+                if let Some(old) = self.active.borrow_mut().take() {
+                    if self.table.seal(old.id) {
+                        self.table.remove(old.id).await;
+                    }
+                }
+                match self.new_segment().await {
+                    Ok(a) => *self.active.borrow_mut() = Some(a),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot create spool segment");
+                        results.push((p.done, Err(e)));
+                        continue;
+                    }
+                }
+            }
+            let (file, id, pos) = {
+                let a = self.active.borrow();
+                let a = a.as_ref().expect("active segment set above");
+                (a.file.clone(), a.id, a.pos)
+            };
+            let res = write_all(&file, p.record, pos).await;
+            match res {
+                Ok(()) => {
+                    if let Some(a) = self.active.borrow_mut().as_mut() {
+                        a.pos += len;
+                    }
+                    self.table.add_parts(id, p.parts, false);
+                    let idx = results.len();
+                    match touched.iter_mut().find(|(f, _)| Rc::ptr_eq(f, &file)) {
+                        Some((_, v)) => v.push(idx),
+                        None => touched.push((file, vec![idx])),
+                    }
+                    results.push((
+                        p.done,
+                        Ok(Location {
+                            segment: id,
+                            offset: pos,
+                            len: len as u32,
+                        }),
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "spool write failed");
+                    results.push((p.done, Err(e)));
+                }
+            }
+        }
+        for (file, idxs) in touched {
+            if let Err(e) = file.fdatasync().await {
+                let e = SpoolError::from(e);
+                tracing::error!(error = %e, "spool fdatasync failed; the batch is not acknowledged");
+                for i in idxs {
+                    results[i].1 = Err(e.clone());
+                }
+            }
+        }
+        for (w, r) in results {
+            let _ = w.try_send(r);
+        }
+    }
+}
+
+/// Writes a whole record. A short write on a regular file means the device is failing or full
+/// (the segment is preallocated, so it should not happen); the record is then not acknowledged.
+async fn write_all(file: &BufferedFile, buf: Vec<u8>, pos: u64) -> Result<(), SpoolError> {
+    let n = buf.len();
+    let written = file.write_at(buf, pos).await?;
+    if written < n {
+        return Err(SpoolError::Io(format!("short write ({written} of {n} bytes)")));
+    }
+    Ok(())
+}
+
+/// Read and state-update handles for segment files, opened on demand, per shard. Segments may
+/// have been written by another shard; the files are shared through the file system.
+pub struct SegmentFiles {
+    dir: PathBuf,
+    open: RefCell<HashMap<SegmentId, Rc<BufferedFile>>>,
+}
+
+impl SegmentFiles {
+    /// Handles for segments in `dir`.
+    pub fn new(dir: PathBuf) -> SegmentFiles {
+        SegmentFiles {
+            dir,
+            open: RefCell::new(HashMap::new()),
+        }
+    }
+
+    async fn file(&self, seg: SegmentId) -> std::io::Result<Rc<BufferedFile>> {
+        if let Some(f) = self.open.borrow().get(&seg) {
+            return Ok(f.clone());
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .buffered_open(self.dir.join(seg.file_name()))
+            .await
+            .map_err(std::io::Error::from)?;
+        let f = Rc::new(f);
+        self.open.borrow_mut().insert(seg, f.clone());
+        Ok(f)
+    }
+
+    /// Reads a whole record.
+    pub async fn read(&self, loc: Location) -> std::io::Result<glommio::io::ReadResult> {
+        let f = self.file(loc.segment).await?;
+        let r = f
+            .read_at(loc.offset, loc.len as usize)
+            .await
+            .map_err(std::io::Error::from)?;
+        if r.len() < loc.len as usize {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "short read of spool record",
+            ));
+        }
+        Ok(r)
+    }
+
+    /// Rewrites recipient state octets (`state_offset` is relative to the record). Not synced
+    /// here: call [`SegmentFiles::sync`] after a batch. A crash before the sync can only cause a
+    /// redelivery.
+    pub async fn set_states(
+        &self,
+        loc: Location,
+        state_offset: usize,
+        updates: &[(u16, record::RcptState)],
+    ) -> std::io::Result<()> {
+        let f = self.file(loc.segment).await?;
+        for (idx, st) in updates {
+            let pos = loc.offset + state_offset as u64 + u64::from(*idx);
+            f.write_at(vec![st.to_byte()], pos)
+                .await
+                .map_err(std::io::Error::from)?;
+        }
+        Ok(())
+    }
+
+    /// fdatasyncs a segment's state updates.
+    pub async fn sync(&self, seg: SegmentId) -> std::io::Result<()> {
+        let f = self.file(seg).await?;
+        f.fdatasync().await.map_err(std::io::Error::from)
+    }
+
+    /// Closes every handle, so removed segments release their disk space. Called when the
+    /// shard has no queue run going.
+    pub fn close_all(&self) {
+        self.open.borrow_mut().clear();
+    }
+}
