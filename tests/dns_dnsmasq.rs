@@ -84,12 +84,8 @@ fn zone_args() -> Vec<String> {
     .to_vec();
     // big.test: 40 MX records, too big for 512 bytes of UDP: truncated, then TCP.
     for i in 1..=40 {
-        a.push(format!(
-            "--mx-host=big.test,mail-exchanger-{i}.big.test,{i}"
-        ));
-        a.push(format!(
-            "--host-record=mail-exchanger-{i}.big.test,127.0.1.{i}"
-        ));
+        a.push(format!("--mx-host=big.test,mail-exchanger-{i}.big.test,{i}"));
+        a.push(format!("--host-record=mail-exchanger-{i}.big.test,127.0.1.{i}"));
     }
     a
 }
@@ -130,11 +126,7 @@ impl Dnsmasq {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "cannot run {bin:?} ({e}); install it with: apt-get install dnsmasq-base"
-                    )
-                });
+                .unwrap_or_else(|e| panic!("cannot run {bin:?} ({e}); install it with: apt-get install dnsmasq-base"));
             let mut d = Dnsmasq { child, addr };
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
@@ -191,10 +183,7 @@ fn mx_order_shuffle_cname_and_tcp() {
     run(move || async move {
         let mut middle_orders = HashSet::new();
         for _ in 0..60 {
-            let t = resolver
-                .mx_targets("Multi.Test.")
-                .await
-                .expect("multi.test");
+            let t = resolver.mx_targets("Multi.Test.").await.expect("multi.test");
             let prefs: Vec<u16> = t.iter().map(|t| t.preference).collect();
             assert_eq!(prefs, [10, 20, 20, 20, 30]);
             assert_eq!(t[0].host, "mx1.test");
@@ -253,10 +242,7 @@ fn implicit_mx_nxdomain_null_mx_and_missing_addresses() {
         assert!(err.is_permanent());
 
         let err = resolver.mx_targets("nullmx.test").await.unwrap_err();
-        assert!(
-            matches!(err, DnsError::NullMx(ref d) if d == "nullmx.test"),
-            "{err}"
-        );
+        assert!(matches!(err, DnsError::NullMx(ref d) if d == "nullmx.test"), "{err}");
         assert!(err.is_permanent());
 
         let err = resolver.mx_targets("noaddr.test").await.unwrap_err();

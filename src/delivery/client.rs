@@ -27,6 +27,8 @@ const READ_BUF: usize = 8 * 1024;
 const BODY_CHUNK: usize = 64 * 1024;
 /// Upper bound on the QUIT exchange, whatever the configured timeouts.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest timeout actually armed (a saturated `Duration::MAX` would overflow `Instant`).
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Longest address accepted in MAIL FROM / RCPT TO (RFC 5321 4.5.3.1.3 says 256 for a path).
 const MAX_ADDRESS: usize = 1000;
 
@@ -193,7 +195,7 @@ async fn timed<T>(
     fut: impl Future<Output = Result<T, ClientError>>,
 ) -> Result<T, ClientError> {
     fut.or(async {
-        Timer::new(dur).await;
+        Timer::new(dur.min(MAX_TIMEOUT)).await;
         Err(ClientError::Timeout(phase))
     })
     .await
@@ -232,6 +234,16 @@ fn clean_address(addr: &str) -> Option<&str> {
 
 fn helo_name_ok(name: &str) -> bool {
     !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Gives `reply` (a 421: the server is closing) as a deferral to every recipient still
+/// without an outcome.
+fn defer_rest(reply: &Reply, to_send: &[(usize, &str)], outcomes: &mut [Option<RcptOutcome>]) {
+    for &(i, _) in to_send {
+        if outcomes[i].is_none() {
+            outcomes[i] = Some(RcptOutcome::Deferred(reply.clone()));
+        }
+    }
 }
 
 /// The same outcome for every recipient.
@@ -462,10 +474,19 @@ impl SmtpClient {
         self.write(batch.as_bytes(), self.cfg.mail_timeout, "mail").await?;
 
         let mail_reply = self.read_reply(self.cfg.mail_timeout, "mail").await?;
+        if self.closing {
+            // 421: the server hangs up; no further replies will come.
+            defer_rest(&mail_reply, to_send, outcomes);
+            return Ok(false);
+        }
         let mail_ok = mail_reply.is_positive();
         let mut accepted = 0usize;
         for &(i, _) in to_send {
             let reply = self.read_reply(self.cfg.rcpt_timeout, "rcpt").await?;
+            if self.closing {
+                defer_rest(&reply, to_send, outcomes);
+                return Ok(false);
+            }
             if !mail_ok {
                 // The server answers 503 (no MAIL); the MAIL reply is the real reason.
                 continue;
@@ -525,6 +546,10 @@ impl SmtpClient {
         for &(i, rcpt) in to_send {
             let cmd = format!("RCPT TO:<{rcpt}>\r\n");
             let reply = self.command(cmd.as_bytes(), self.cfg.rcpt_timeout, "rcpt").await?;
+            if self.closing {
+                defer_rest(&reply, to_send, outcomes);
+                return Ok(false);
+            }
             if reply.is_positive() {
                 accepted += 1;
             } else {
@@ -578,7 +603,7 @@ impl SmtpClient {
 
     /// Ends the session politely: QUIT and its reply, errors ignored.
     pub async fn quit(mut self) {
-        if self.broken {
+        if self.broken || self.closing {
             return;
         }
         let t = self.cfg.mail_timeout.min(QUIT_TIMEOUT);

@@ -486,3 +486,53 @@ fn server_closing_mid_reply_is_an_io_error() {
     assert!(matches!(err, ClientError::Io(_)), "{err:?}");
     t.join().unwrap();
 }
+
+#[test]
+fn reply_421_defers_everything_and_ends_the_session() {
+    for ext in [PIPE, NO_PIPE] {
+        let mut script = Script::with_extensions(ext);
+        script.mail_replies.push_back("421 4.3.2 shutting down".into());
+        let (addr, server) = fake_server::start(script);
+        let (first, second) = run(move || async move {
+            let mut c = SmtpClient::connect(addr, &cfg()).await.unwrap();
+            let msg = OutboundMessage {
+                sender: "s@o.test",
+                recipients: &["a@n.test", "reject@n.test"],
+                body: b"hi\r\n",
+                eight_bit: false,
+                size: 4,
+            };
+            let first = c.send(&msg).await.unwrap();
+            let second = c.send(&msg).await.unwrap_err();
+            c.quit().await;
+            (first, second)
+        });
+        assert_eq!(codes(&first), vec![('T', 421), ('T', 421)]);
+        assert!(matches!(second, ClientError::Protocol(_)), "{second:?}");
+        let rec = server.join().unwrap();
+        assert_eq!(count(&rec, "MAIL"), 1);
+        assert_eq!(count(&rec, "RSET") + count(&rec, "QUIT"), 0);
+    }
+}
+
+#[test]
+fn saturated_timeouts_do_not_panic() {
+    let (addr, server) = fake_server::start(Script::with_extensions(PIPE));
+    let res = run(move || async move {
+        let cfg = ClientConfig::rfc5321("client.test".into()).scaled(1e300);
+        assert_eq!(cfg.data_end_timeout, std::time::Duration::MAX);
+        let mut c = SmtpClient::connect(addr, &cfg).await.unwrap();
+        let msg = OutboundMessage {
+            sender: "s@o.test",
+            recipients: &["a@n.test"],
+            body: b"hi\r\n",
+            eight_bit: false,
+            size: 4,
+        };
+        let o = c.send(&msg).await.unwrap();
+        c.quit().await;
+        o
+    });
+    assert!(ok(250)(&res[0]));
+    server.join().unwrap();
+}

@@ -49,6 +49,8 @@ pub struct ShardCtx {
     /// MX resolver with this shard's cache.
     pub resolver: crate::dns::Resolver,
     ids: RefCell<crate::spool::IdGen>,
+    /// Idle deadlines of this shard's connections.
+    pub idle: crate::smtp::server::IdleRegistry,
 }
 
 impl ShardCtx {
@@ -82,6 +84,7 @@ impl ShardCtx {
                 own_hostnames: vec![cfg.hostname.clone()],
             }),
             ids: RefCell::new(crate::spool::IdGen::new(id)),
+            idle: Default::default(),
             cfg,
             router,
             inboxes,
@@ -167,6 +170,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, inbox: InboxReceiver, listen: Vec<SocketAd
         }
     })
     .detach();
+    glommio::spawn_local(crate::smtp::server::sweep_loop(ctx.clone())).detach();
     crate::etrn::start_shard_tasks(&ctx);
     let mut tasks = Vec::new();
     for addr in listen {

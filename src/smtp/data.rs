@@ -169,8 +169,10 @@ impl DataReceiver {
                             self.emit(out, &rest[..=j]);
                             i += j + 1;
                             if rest[j] == b'\n' {
+                                // A bare LF does not start a line: only CRLF does, so
+                                // "<LF>.<CR><LF>" can never end the message here.
                                 self.fail(DataError::BareNewline);
-                                self.state = State::LineStart;
+                                self.line_len = 0;
                             } else {
                                 self.state = State::Cr;
                             }
@@ -248,7 +250,7 @@ mod tests {
 
     #[test]
     fn unstuffs_and_stops_at_terminator() {
-        let input = b"Subject: x\r\n\r\n..dot\r\n.\r\n..\r\nplain\r\n.\r\nMAIL FROM:<>\r\n";
+        let input = b"Subject: x\r\n\r\n..dot\r\n\r\n..\r\nplain\r\n.\r\nMAIL FROM:<>\r\n";
         for chunk in 1..input.len() {
             let (out, end, err) = run(input, chunk);
             assert_eq!(out, b"Subject: x\r\n\r\n.dot\r\n\r\n.\r\nplain\r\n", "chunk {chunk}");
@@ -278,7 +280,7 @@ mod tests {
             assert_eq!(err, Some(DataError::BareNewline));
         }
         let (_, end, err) = run(b"x\r\n.\rz\r\n.\r\n", 2);
-        assert_eq!(end, Some(12));
+        assert_eq!(end, Some(11));
         assert_eq!(err, Some(DataError::BareNewline));
     }
 
