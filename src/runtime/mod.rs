@@ -223,6 +223,45 @@ pub fn distribute(cfg: &Config, router: ShardRouter, scan: &spool::ScanResult) -
     inits
 }
 
+/// Blocks SIGTERM and SIGINT in every thread (the executors inherit the mask) and starts a
+/// plain thread that waits for them with `sigwait` and tells each shard over a crossbeam
+/// channel (the shards poll it on a timer: a plain thread never wakes an executor directly).
+fn spawn_signal_thread(shards: usize) -> Vec<Option<crossbeam_channel::Receiver<()>>> {
+    let mut txs = Vec::new();
+    let mut rxs = Vec::new();
+    for _ in 0..shards {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        txs.push(tx);
+        rxs.push(Some(rx));
+    }
+    // SAFETY: plain libc signal-mask calls on a zeroed sigset_t.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::Builder::new()
+        .name("etrn-signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is a valid, initialised signal set.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                tracing::info!(
+                    signal = sig,
+                    "shutting down: no new connections, finishing transactions in flight"
+                );
+                for tx in &txs {
+                    let _ = tx.try_send(());
+                }
+            }
+        })
+        .expect("spawn signal thread");
+    rxs
+}
+
 /// Opens the spool, recovers it, starts every shard and blocks until they stop.
 pub fn run(cfg: Config) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
@@ -264,6 +303,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         Placement::Unbound => PoolPlacement::Unbound(router.shards()),
     };
     let listen: Vec<SocketAddr> = cfg.smtp.listen.clone();
+    let stops = Arc::new(Mutex::new(spawn_signal_thread(router.shards())));
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("etrn-shard")
         .io_memory(1 << 20)
@@ -275,8 +315,11 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
                 let rx = receivers.lock().expect("rx lock")[id]
                     .take()
                     .expect("one receiver per shard");
+                let stop = stops.lock().expect("stop lock")[id]
+                    .take()
+                    .expect("one stop channel per shard");
                 let ctx = ShardCtx::new(id, cfg, router, inboxes, seg_dir, connections, init);
-                shard::serve(ctx, rx, listen).await;
+                shard::serve(ctx, rx, listen, stop).await;
             }
         })
         .map_err(|e| StartError::Executor(e.to_string()))?;

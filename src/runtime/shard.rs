@@ -51,6 +51,10 @@ pub struct ShardCtx {
     ids: RefCell<crate::spool::IdGen>,
     /// Idle deadlines of this shard's connections.
     pub idle: crate::smtp::server::IdleRegistry,
+    /// Set on SIGTERM: new commands get 421, open transactions finish.
+    pub draining: Cell<bool>,
+    /// Connections open on this shard.
+    pub local_connections: Cell<usize>,
 }
 
 impl ShardCtx {
@@ -85,6 +89,8 @@ impl ShardCtx {
             }),
             ids: RefCell::new(crate::spool::IdGen::new(id)),
             idle: Default::default(),
+            draining: Cell::new(false),
+            local_connections: Cell::new(0),
             cfg,
             router,
             inboxes,
@@ -149,8 +155,18 @@ fn segment_size(cfg: &Config) -> u64 {
     cfg.spool_segment_size
 }
 
-/// Runs a shard until the process stops: the inbox loop, the backlog timer and the listeners.
-pub async fn serve(ctx: Rc<ShardCtx>, inbox: InboxReceiver, listen: Vec<SocketAddr>) {
+/// How long a shutdown waits for open transactions before it stops anyway.
+const DRAIN_GRACE: Duration = Duration::from_secs(20);
+
+/// Runs a shard until shutdown: the inbox loop, the backlog timer, the idle sweeper and the
+/// listeners. On the stop signal it closes the listeners, lets open transactions finish (each
+/// connection answers its next command with 421), syncs the spool and returns.
+pub async fn serve(
+    ctx: Rc<ShardCtx>,
+    inbox: InboxReceiver,
+    listen: Vec<SocketAddr>,
+    stop: crossbeam_channel::Receiver<()>,
+) {
     glommio::spawn_local({
         let ctx = ctx.clone();
         async move {
@@ -172,12 +188,12 @@ pub async fn serve(ctx: Rc<ShardCtx>, inbox: InboxReceiver, listen: Vec<SocketAd
     .detach();
     glommio::spawn_local(crate::smtp::server::sweep_loop(ctx.clone())).detach();
     crate::etrn::start_shard_tasks(&ctx);
-    let mut tasks = Vec::new();
+    let mut listeners = Vec::new();
     for addr in listen {
         match glommio::net::TcpListener::bind(addr) {
             Ok(l) => {
                 tracing::info!(shard = ctx.id, %addr, "listening");
-                tasks.push(glommio::spawn_local(crate::smtp::server::accept_loop(ctx.clone(), l)));
+                listeners.push(glommio::spawn_local(crate::smtp::server::accept_loop(ctx.clone(), l)).detach());
             }
             Err(e) => {
                 tracing::error!(shard = ctx.id, %addr, error = %e, "cannot listen");
@@ -185,9 +201,24 @@ pub async fn serve(ctx: Rc<ShardCtx>, inbox: InboxReceiver, listen: Vec<SocketAd
             }
         }
     }
-    for t in tasks {
-        t.await;
+    while stop.try_recv().is_err() {
+        glommio::timer::sleep(Duration::from_millis(100)).await;
     }
+    for l in listeners {
+        l.cancel();
+    }
+    ctx.draining.set(true);
+    ctx.idle.expire_all();
+    let deadline = std::time::Instant::now() + DRAIN_GRACE;
+    while ctx.local_connections.get() > 0 && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    ctx.writer.close().await;
+    tracing::info!(
+        shard = ctx.id,
+        open_connections = ctx.local_connections.get(),
+        "shard stopped"
+    );
 }
 
 fn handle_msg(ctx: &Rc<ShardCtx>, msg: ShardMsg) {

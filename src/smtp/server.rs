@@ -36,7 +36,7 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
                 let n = ctx.connections.fetch_add(1, Ordering::AcqRel) + 1;
                 let ctx = ctx.clone();
                 glommio::spawn_local(async move {
-                    let _guard = ConnGuard(ctx.clone());
+                    let _guard = ConnGuard::new(ctx.clone());
                     if n > ctx.cfg.smtp.max_connections {
                         let mut s = stream;
                         let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
@@ -76,6 +76,8 @@ pub struct IdleWatch {
     deadline: Cell<Instant>,
     fd: RawFd,
     fired: Cell<u8>,
+    /// Receiving DATA: a shutdown lets the message finish (the normal timeout still applies).
+    in_data: Cell<bool>,
 }
 
 impl IdleWatch {
@@ -95,6 +97,7 @@ impl IdleRegistry {
             deadline: Cell::new(Instant::now() + timeout),
             fd,
             fired: Cell::new(0),
+            in_data: Cell::new(false),
         });
         self.conns.borrow_mut().insert(id, w.clone());
         (id, w)
@@ -125,6 +128,18 @@ impl IdleRegistry {
         }
     }
 
+    /// Shutdown: every connection waiting for a command is woken now (it answers 421); those
+    /// receiving DATA finish their message first.
+    pub fn expire_all(&self) {
+        let now = Instant::now();
+        for w in self.conns.borrow().values() {
+            if !w.in_data.get() {
+                w.deadline.set(now);
+            }
+        }
+        self.sweep(now);
+    }
+
     /// Number of connections watched.
     pub fn len(&self) -> usize {
         self.conns.borrow().len()
@@ -146,9 +161,16 @@ pub async fn sweep_loop(ctx: Rc<ShardCtx>) {
 }
 
 struct ConnGuard(Rc<ShardCtx>);
+impl ConnGuard {
+    fn new(ctx: Rc<ShardCtx>) -> ConnGuard {
+        ctx.local_connections.set(ctx.local_connections.get() + 1);
+        ConnGuard(ctx)
+    }
+}
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.local_connections.set(self.0.local_connections.get() - 1);
     }
 }
 
@@ -326,8 +348,19 @@ impl Connection {
                         .encode_into(&mut self.out);
                         continue;
                     }
+                    if self.ctx.draining.get() {
+                        common::SHUTDOWN.encode_into(&mut self.out);
+                        self.flush().await?;
+                        return Ok(());
+                    }
                     let action = self.session.handle(&self.buf[start..end]);
-                    if let Flow::Close = self.perform(action).await? {
+                    let flow = self.perform(action).await?;
+                    if self.ctx.draining.get() {
+                        common::SHUTDOWN.encode_into(&mut self.out);
+                        self.flush().await?;
+                        return Ok(());
+                    }
+                    if let Flow::Close = flow {
                         // Dropping the stream closes it; an explicit shutdown would cost a
                         // syscall that fails anyway when the client closed first after QUIT.
                         self.flush().await?;
@@ -342,7 +375,12 @@ impl Connection {
                         Ok(false) => return Ok(()),
                         Err(e) if is_timeout(&e) => {
                             self.out.clear();
-                            common::TIMEOUT.encode_into(&mut self.out);
+                            let r = if self.ctx.draining.get() {
+                                common::SHUTDOWN
+                            } else {
+                                common::TIMEOUT
+                            };
+                            r.encode_into(&mut self.out);
                             let _ = self.flush().await;
                             return Ok(());
                         }
@@ -482,6 +520,7 @@ impl Connection {
         let received_len = rec.data().len();
         Reply::new(354, "", "End data with <CR><LF>.<CR><LF>").encode_into(&mut self.out);
         self.flush().await?;
+        self.watch.in_data.set(true);
 
         let mut d = DataReceiver::new(cfg.smtp.max_message_size, cfg.smtp.max_text_line);
         let mut held = 0usize; // bytes of this message counted in the shard's in-flight total
@@ -513,6 +552,7 @@ impl Connection {
                 }
             }
         };
+        self.watch.in_data.set(false);
         let release = |ctx: &ShardCtx| ctx.inflight_bytes.set(ctx.inflight_bytes.get() - held);
         self.session.take_transaction();
         match result {
@@ -527,7 +567,12 @@ impl Connection {
                 if is_timeout(&e) {
                     tracing::info!(queue_id = %qid, peer = %self.session.peer(), "timeout during DATA; message discarded");
                     self.out.clear();
-                    common::TIMEOUT.encode_into(&mut self.out);
+                    let r = if self.ctx.draining.get() {
+                        common::SHUTDOWN
+                    } else {
+                        common::TIMEOUT
+                    };
+                    r.encode_into(&mut self.out);
                     return Ok(Flow::Close);
                 }
                 return Err(e.into());

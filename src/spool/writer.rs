@@ -147,6 +147,7 @@ struct Inner {
     bell: LocalSender<()>,
     segment_size: u64,
     closed: Cell<bool>,
+    flusher: RefCell<Option<glommio::task::JoinHandle<()>>>,
 }
 
 impl SpoolWriter {
@@ -158,6 +159,7 @@ impl SpoolWriter {
             bell,
             segment_size,
             closed: Cell::new(false),
+            flusher: RefCell::new(None),
         });
         let flusher = Flusher {
             inner: inner.clone(),
@@ -166,7 +168,8 @@ impl SpoolWriter {
             active: RefCell::new(None),
             table,
         };
-        glommio::spawn_local(flusher.run(ring)).detach();
+        let handle = glommio::spawn_local(flusher.run(ring)).detach();
+        *inner.flusher.borrow_mut() = Some(handle);
         SpoolWriter { inner }
     }
 
@@ -183,10 +186,15 @@ impl SpoolWriter {
         rx.recv().await.unwrap_or(Err(SpoolError::Closed))
     }
 
-    /// Stops accepting commits; the flusher finishes what it has.
-    pub fn close(&self) {
+    /// Stops accepting commits and waits until the flusher has written and synced everything
+    /// it was given.
+    pub async fn close(&self) {
         self.inner.closed.set(true);
         let _ = self.inner.bell.try_send(());
+        let handle = self.inner.flusher.borrow_mut().take();
+        if let Some(h) = handle {
+            h.await;
+        }
     }
 }
 
