@@ -168,8 +168,7 @@ impl Relay {
     /// Stops this relay and returns its directory for a restart.
     pub fn into_dir(mut self) -> tempfile::TempDir {
         self.kill9();
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        dir
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
     /// Runs `etrn-relay queue` on this relay's config and returns its stdout.
@@ -426,4 +425,491 @@ pub fn sink_body(file: &[u8]) -> &[u8] {
         }
     }
     &text[i..]
+}
+
+// ---- additions for the core and durability tests ------------------------------------------
+
+impl SmtpClient {
+    /// Sets the read timeout of the socket (the BufReader shares it).
+    pub fn set_read_timeout(&self, d: Duration) {
+        self.stream.set_read_timeout(Some(d)).unwrap();
+    }
+
+    /// Exactly one `read()` on the socket (no reply was buffered before): what one server
+    /// write (or several that arrived meanwhile) delivered.
+    pub fn read_once(&mut self) -> String {
+        assert!(self.reader.buffer().is_empty(), "read_once with data already buffered");
+        let n = match self.reader.fill_buf() {
+            Ok(b) => b.len(),
+            Err(e) => panic!("read: {e}"),
+        };
+        let s = String::from_utf8_lossy(&self.reader.buffer()[..n]).into_owned();
+        self.reader.consume(n);
+        s
+    }
+
+    /// Reads until EOF and returns what came and how long it took; panics if the server did
+    /// not close within `within`.
+    pub fn read_until_closed(&mut self, within: Duration) -> (String, Duration) {
+        let t0 = Instant::now();
+        self.set_read_timeout(within);
+        let mut s = Vec::new();
+        match self.reader.read_to_end(&mut s) {
+            Ok(_) => (String::from_utf8_lossy(&s).into_owned(), t0.elapsed()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                (String::from_utf8_lossy(&s).into_owned(), t0.elapsed())
+            }
+            Err(e) => panic!(
+                "server did not close the connection within {within:?} ({e}); got {:?}",
+                String::from_utf8_lossy(&s)
+            ),
+        }
+    }
+
+    /// Sends `MAIL`, `RCPT`s, `DATA` pipelined in one write, then the raw `data` (which must
+    /// include the terminator), and returns the replies to MAIL, each RCPT, DATA and the final.
+    pub fn send_raw_mail(&mut self, from: &str, rcpts: &[&str], data: &[u8]) -> Vec<String> {
+        let mut cmds = format!("MAIL FROM:<{from}>\r\n");
+        for r in rcpts {
+            cmds.push_str(&format!("RCPT TO:<{r}>\r\n"));
+        }
+        cmds.push_str("DATA\r\n");
+        self.send(cmds.as_bytes());
+        let mut replies: Vec<String> = (0..rcpts.len() + 2).map(|_| self.read_reply()).collect();
+        assert!(replies.last().unwrap().starts_with("354"), "{replies:?}");
+        self.send(data);
+        replies.push(self.read_reply());
+        replies
+    }
+}
+
+impl Relay {
+    /// `<dir>/spool`.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    /// The segment files now in the spool.
+    pub fn segment_files(&self) -> Vec<PathBuf> {
+        segment_files(&self.spool_dir())
+    }
+
+    /// Runs the relay binary with `args` and `--config <this relay's config>`.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(relay_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .unwrap()
+    }
+
+    /// True once the process has exited (it should not have).
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_some(),
+            None => true,
+        }
+    }
+}
+
+/// Segment files (`*.seg`) in `spool/segments`, sorted.
+pub fn segment_files(spool: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(spool.join("segments"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// One record found in a segment file by [`spooled_records`].
+#[derive(Debug, Clone)]
+pub struct SpooledRecord {
+    pub path: PathBuf,
+    /// Offset of the record in the file.
+    pub offset: usize,
+    pub total_len: usize,
+    pub queue_id: String,
+    pub sender: Vec<u8>,
+    pub recipients: Vec<Vec<u8>>,
+    pub states: Vec<u8>,
+    /// Offset of the message data in the file.
+    pub data_at: usize,
+    pub data: Vec<u8>,
+}
+
+/// Every intact record in the spool's segment files, parsed with the relay's own record
+/// format (stops at the zero tail of each preallocated segment).
+pub fn spooled_records(spool: &Path) -> Vec<SpooledRecord> {
+    use etrn_relay::spool::record;
+    let mut out = Vec::new();
+    for path in segment_files(spool) {
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        let mut off = 0;
+        while off + record::HEADER_LEN <= bytes.len() {
+            match record::parse(&bytes[off..]) {
+                Ok(v) => {
+                    out.push(SpooledRecord {
+                        path: path.clone(),
+                        offset: off,
+                        total_len: v.total_len,
+                        queue_id: etrn_relay::spool::queue_id(v.msg_id),
+                        sender: v.sender.to_vec(),
+                        recipients: v.recipients.iter().map(|r| r.to_vec()).collect(),
+                        states: v.states.to_vec(),
+                        data_at: off + v.data_offset,
+                        data: v.data.to_vec(),
+                    });
+                    off += v.total_len;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    out
+}
+
+/// Runs a command, killing it (and failing) if it does not exit within `limit`.
+pub fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "command did not exit within {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A node's mail server for queue-run tests: dnsmasq serving `MX node -> mx.node -> ip` for
+/// each node, and one smtp-sink on `ip` that takes the mail of all of them.
+pub struct NodeServers {
+    pub dns: Dns,
+    pub sink: Sink,
+}
+
+impl NodeServers {
+    /// Every node in `nodes` gets `MX 10 mx.<node>` with address `ip` (a loopback address
+    /// other than 127.0.0.1, so the sink's port cannot clash with anything on 127.0.0.1).
+    pub fn start(nodes: &[&str], ip: &str) -> NodeServers {
+        let mut records = Vec::new();
+        for n in nodes {
+            records.push(format!("--mx-host={n},mx.{n},10"));
+            records.push(format!("--host-record=mx.{n},{ip}"));
+        }
+        let dns = Dns::start(&records);
+        let port = free_port();
+        let sink = Sink::start(ip, port, &[]);
+        NodeServers { dns, sink }
+    }
+
+    /// The `[dns]` and `[delivery]` sections that point the relay at these servers.
+    pub fn config(&self) -> String {
+        format!(
+            "[dns]\nnameservers = [\"127.0.0.1:{}\"]\n[delivery]\nport = {}\n",
+            self.dns.port,
+            self.sink.addr.port()
+        )
+    }
+}
+
+// ---- additions for the ETRN end-to-end tests (tests/etrn.rs, tests/etrn_clients.rs) ----------
+
+/// A port for the delivery targets of one test (every sink of the test listens on
+/// `127.0.0.x:<port>`). The port stays bound on 127.0.0.1 for the life of the test process, so
+/// no other test of the process (nor the relay's own `free_port`) can get the same number and
+/// talk to this test's sinks.
+pub fn reserve_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    std::mem::forget(l);
+    p
+}
+
+/// A TCP connection to `dst` made from the local address `src` (e.g. 127.0.0.9): std cannot
+/// bind before connecting, so this goes through libc.
+pub fn connect_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(dst) = dst else { panic!("IPv4 only") };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd); // closes the fd on every early return
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let local = sin(src, 0);
+        let rc = libc::bind(fd, &local as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "bind {src}: {}", std::io::Error::last_os_error());
+        let remote = sin(*dst.ip(), dst.port());
+        let rc = libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "connect {dst} from {src}: {}", std::io::Error::last_os_error());
+        stream
+    }
+}
+
+impl SmtpClient {
+    /// Wraps an already connected stream (see [`connect_from`]); does not read the greeting.
+    pub fn from_stream(stream: TcpStream) -> SmtpClient {
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        SmtpClient { stream, reader }
+    }
+}
+
+impl Relay {
+    /// Lines of the relay log that contain every one of `needles`.
+    pub fn log_lines_with(&self, needles: &[&str]) -> usize {
+        self.log().lines().filter(|l| needles.iter().all(|n| l.contains(n))).count()
+    }
+}
+
+/// Splits a file saved by smtp-sink into (the sink's envelope records, the message as the
+/// sink received it). The sink stores LF line ends and adds one empty line at the end; this
+/// returns the message with that final empty line removed, still with LF line ends.
+pub fn sink_message(file: &[u8]) -> (String, Vec<u8>) {
+    let body = sink_body(file);
+    let head_len = file.len() - body.len();
+    let envelope = String::from_utf8_lossy(&file[..head_len]).into_owned();
+    let msg = body.strip_suffix(b"\n").expect("smtp-sink ends each dump with an empty line");
+    (envelope, msg.to_vec())
+}
+
+/// CRLF -> LF, the way smtp-sink stores a message.
+pub fn crlf_to_lf(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\r' && b.get(i + 1) == Some(&b'\n') {
+            i += 1;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Value of the first header field `name` (case-insensitive) of a message, if any.
+pub fn header_value(msg: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(msg);
+    let prefix = format!("{}:", name.to_ascii_lowercase());
+    for line in text.lines() {
+        if line.trim_end_matches('\r').is_empty() {
+            return None;
+        }
+        if line.to_ascii_lowercase().starts_with(&prefix) {
+            return Some(line[prefix.len()..].trim().to_owned());
+        }
+    }
+    None
+}
+
+/// One mail transaction seen by a [`ScriptedServer`].
+#[derive(Debug, Clone)]
+pub struct ScriptedTxn {
+    /// The MAIL command's arguments (after `MAIL FROM:`).
+    pub mail: String,
+    /// RCPT addresses the server accepted.
+    pub rcpts: Vec<String>,
+    /// The DATA bytes exactly as they crossed the wire, still dot-stuffed, without the
+    /// terminating `.\r\n`.
+    pub raw_data: Vec<u8>,
+}
+
+/// How a [`ScriptedServer`] answers.
+#[derive(Debug, Clone)]
+pub struct Script {
+    /// Extra EHLO keywords (default PIPELINING, 8BITMIME, SIZE 10000000).
+    pub ehlo_keywords: Vec<String>,
+    /// Reply to every RCPT (default `250 2.1.5 Ok`).
+    pub rcpt_reply: String,
+    /// Reply after the end of DATA (default `250 2.0.0 Ok`).
+    pub data_end_reply: String,
+    /// Sleep before answering the end of DATA (a slow server).
+    pub data_end_delay: Duration,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script {
+            ehlo_keywords: vec!["PIPELINING".into(), "8BITMIME".into(), "SIZE 10000000".into()],
+            rcpt_reply: "250 2.1.5 Ok".into(),
+            data_end_reply: "250 2.0.0 Ok".into(),
+            data_end_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// A tiny scripted SMTP server (std::net, one thread per connection) that records every
+/// transaction byte for byte. Stops accepting on drop.
+pub struct ScriptedServer {
+    pub addr: SocketAddr,
+    txns: std::sync::Arc<std::sync::Mutex<Vec<ScriptedTxn>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ScriptedServer {
+    pub fn start(ip: &str, port: u16, script: Script) -> ScriptedServer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind((ip, port)).unwrap_or_else(|e| panic!("bind {ip}:{port}: {e}"));
+        let addr = listener.local_addr().unwrap();
+        let txns = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, s) = (txns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let (t, script) = (t.clone(), script.clone());
+                std::thread::spawn(move || {
+                    let _ = serve_scripted(conn, &script, &t);
+                });
+            }
+        });
+        ScriptedServer { addr, txns, stop }
+    }
+
+    /// Transactions completed with a 2xx after DATA.
+    pub fn txns(&self) -> Vec<ScriptedTxn> {
+        self.txns.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.txns.lock().unwrap().len()
+    }
+}
+
+impl Drop for ScriptedServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr); // wake the accept loop
+    }
+}
+
+fn serve_scripted(
+    conn: TcpStream,
+    script: &Script,
+    txns: &std::sync::Mutex<Vec<ScriptedTxn>>,
+) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    w.write_all(b"220 scripted.test ESMTP\r\n")?;
+    let mut mail: Option<String> = None;
+    let mut rcpts: Vec<String> = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        if r.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+        let upper = text.to_ascii_uppercase();
+        if upper.starts_with("EHLO") {
+            let mut reply = String::from("250-scripted.test\r\n");
+            for (i, k) in script.ehlo_keywords.iter().enumerate() {
+                let sep = if i + 1 == script.ehlo_keywords.len() { ' ' } else { '-' };
+                reply.push_str(&format!("250{sep}{k}\r\n"));
+            }
+            if script.ehlo_keywords.is_empty() {
+                reply = "250 scripted.test\r\n".into();
+            }
+            w.write_all(reply.as_bytes())?;
+        } else if upper.starts_with("HELO") {
+            w.write_all(b"250 scripted.test\r\n")?;
+        } else if upper.starts_with("MAIL FROM:") {
+            mail = Some(text["MAIL FROM:".len()..].to_owned());
+            rcpts.clear();
+            w.write_all(b"250 2.1.0 Ok\r\n")?;
+        } else if upper.starts_with("RCPT TO:") {
+            let reply = &script.rcpt_reply;
+            if reply.starts_with('2') {
+                rcpts.push(text["RCPT TO:".len()..].trim_matches(['<', '>']).to_owned());
+            }
+            w.write_all(format!("{reply}\r\n").as_bytes())?;
+        } else if upper == "DATA" {
+            if mail.is_none() || rcpts.is_empty() {
+                w.write_all(b"554 5.5.1 No valid recipients\r\n")?;
+                continue;
+            }
+            w.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")?;
+            let mut raw = Vec::new();
+            loop {
+                let mut l = Vec::new();
+                if r.read_until(b'\n', &mut l)? == 0 {
+                    return Ok(());
+                }
+                if l == b".\r\n" {
+                    break;
+                }
+                raw.extend_from_slice(&l);
+            }
+            std::thread::sleep(script.data_end_delay);
+            if script.data_end_reply.starts_with('2') {
+                txns.lock().unwrap().push(ScriptedTxn {
+                    mail: mail.take().unwrap_or_default(),
+                    rcpts: std::mem::take(&mut rcpts),
+                    raw_data: raw,
+                });
+            }
+            mail = None;
+            rcpts.clear();
+            w.write_all(format!("{}\r\n", script.data_end_reply).as_bytes())?;
+        } else if upper == "RSET" {
+            mail = None;
+            rcpts.clear();
+            w.write_all(b"250 2.0.0 Ok\r\n")?;
+        } else if upper == "QUIT" {
+            w.write_all(b"221 2.0.0 Bye\r\n")?;
+            return Ok(());
+        } else if upper == "NOOP" {
+            w.write_all(b"250 2.0.0 Ok\r\n")?;
+        } else {
+            w.write_all(b"502 5.5.2 Command not implemented\r\n")?;
+        }
+    }
+}
+
+/// The dnsmasq arguments of `--mx-host`/`--host-record` pairs: `(domain, [(pref, host, ip)])`.
+pub fn mx_zone(entries: &[(&str, &[(u16, &str, &str)])]) -> Vec<String> {
+    let mut v = Vec::new();
+    for (domain, mxs) in entries {
+        for (pref, host, ip) in mxs.iter() {
+            v.push(format!("--mx-host={domain},{host},{pref}"));
+            if !ip.is_empty() {
+                v.push(format!("--host-record={host},{ip}"));
+            }
+        }
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// `[dns]` and `[delivery]` sections pointing at a test DNS server and delivery port.
+pub fn delivery_toml(dns: &Dns, port: u16, extra_delivery: &str) -> String {
+    format!(
+        "[dns]\nnameservers = [\"127.0.0.1:{}\"]\ntimeout_secs = 1\n[delivery]\nport = {port}\ntimeout_scale = 0.01\n{extra_delivery}\n",
+        dns.port
+    )
 }
