@@ -28,12 +28,14 @@ pub enum ConfigError {
     #[error("{0}")]
     Syntax(String),
     /// A value that parsed but makes no sense.
-    #[error("invalid value for `{key}`: {reason}")]
+    #[error("{}invalid value for `{key}`: {reason}", location.as_deref().map(|l| format!("{l}: ")).unwrap_or_default())]
     Invalid {
         /// The dotted key path, e.g. `node[2].name`.
         key: String,
         /// What is wrong with it.
         reason: String,
+        /// `file: line N` (or `line N`) where the key is, when known.
+        location: Option<String>,
     },
 }
 
@@ -41,6 +43,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         reason: reason.into(),
+        location: None,
     }
 }
 
@@ -313,7 +316,14 @@ impl Config {
     /// Parses TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
-        Self::from_raw(raw)
+        Self::from_raw(raw).map_err(|e| match e {
+            ConfigError::Invalid { key, reason, .. } => ConfigError::Invalid {
+                location: key_line(text, &key).map(|n| format!("line {n}")),
+                key,
+                reason,
+            },
+            other => other,
+        })
     }
 
     /// Reads and parses a file.
@@ -324,6 +334,14 @@ impl Config {
         })?;
         Self::from_toml(&text).map_err(|e| match e {
             ConfigError::Syntax(s) => ConfigError::Syntax(format!("{}: {s}", path.display())),
+            ConfigError::Invalid { key, reason, location } => ConfigError::Invalid {
+                location: Some(match location {
+                    Some(l) => format!("{}: {l}", path.display()),
+                    None => path.display().to_string(),
+                }),
+                key,
+                reason,
+            },
             other => other,
         })
     }
@@ -509,6 +527,43 @@ impl Config {
         }
         best
     }
+}
+
+/// The 1-based line of a dotted key (`smtp.max_recipients`, `node[2].auth`, `shards`, or a
+/// list element `smtp.listen[1]`) in TOML text written in the usual one-key-per-line style.
+fn key_line(text: &str, dotted: &str) -> Option<usize> {
+    let (section, leaf) = match dotted.rsplit_once('.') {
+        Some((s, l)) => (s, l),
+        None => ("", dotted),
+    };
+    let leaf = leaf.split('[').next().unwrap_or(leaf);
+    // `node[2]` -> the third `[[node]]` table.
+    let (table, index) = match section.split_once('[') {
+        Some((t, rest)) => (t, rest.trim_end_matches(']').parse::<usize>().ok()),
+        None => (section, None),
+    };
+    let mut current = String::new();
+    let mut seen = 0usize;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            current = name.trim().to_owned();
+            if current == table {
+                seen += 1;
+            }
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = name.trim().to_owned();
+            continue;
+        }
+        let in_place = current == table && index.is_none_or(|n| seen == n + 1);
+        let key = line.split('=').next().unwrap_or("").trim();
+        if in_place && line.contains('=') && key == leaf {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 fn default_hostname() -> String {

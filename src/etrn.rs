@@ -6,9 +6,9 @@
 //! owner answers with `try_send`, so the owner never waits on the requester). The owner counts
 //! what is queued at that moment, starts a run or joins the one going, and answers at once.
 
-use std::cell::RefCell;
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::auth::{AuthLimiter, Mechanism, RateLimiter};
@@ -31,34 +31,61 @@ pub struct EtrnRequest {
     pub reply: async_channel::Sender<Vec<usize>>,
 }
 
-/// Per-shard ETRN and AUTH abuse limits.
+/// ETRN and AUTH abuse limits. One set per running relay, shared by all its shards: each
+/// new connection lands on a shard chosen by the kernel (SO_REUSEPORT), so per-shard limits
+/// would let an address get around a lock-out (and multiply its guesses and its ETRN rate)
+/// just by reconnecting. The mutex is taken only for an ETRN or an AUTH verdict, never on the
+/// mail path.
+#[derive(Clone)]
 pub struct EtrnState {
-    etrn_rate: RefCell<RateLimiter>,
-    auth_failures: RefCell<AuthLimiter>,
+    shared: Arc<SharedLimits>,
+}
+
+struct SharedLimits {
+    etrn_rate: Mutex<RateLimiter>,
+    auth_failures: Mutex<AuthLimiter>,
+}
+
+/// Locks a limiter; a panic elsewhere while it was held leaves it usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Default for EtrnState {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl EtrnState {
-    /// Limits from the configuration.
-    pub fn new(_cfg: &Config) -> EtrnState {
+    /// A new set of limits. The runtime creates one and gives every shard a clone.
+    pub fn new() -> EtrnState {
         EtrnState {
-            etrn_rate: RefCell::new(RateLimiter::new(20, 2.0)),
-            auth_failures: RefCell::new(AuthLimiter::new(5, Duration::from_secs(900), Duration::from_secs(900))),
+            shared: Arc::new(SharedLimits {
+                etrn_rate: Mutex::new(RateLimiter::new(20, 2.0)),
+                auth_failures: Mutex::new(AuthLimiter::new(5, Duration::from_secs(900), Duration::from_secs(900))),
+            }),
         }
+    }
+
+    /// Takes one ETRN token for `ip`; false when the address is over its rate.
+    fn etrn_allowed(&self, ip: IpAddr) -> bool {
+        lock(&self.shared.etrn_rate).check(ip, Instant::now())
     }
 
     /// Remaining lock-out of an address after repeated AUTH failures.
     pub fn auth_locked_out(&self, ip: IpAddr) -> Option<Duration> {
-        self.auth_failures.borrow().is_locked_out(ip, Instant::now())
+        lock(&self.shared.auth_failures).is_locked_out(ip, Instant::now())
     }
 
     /// Records a failed AUTH; returns the delay to wait before answering.
     pub fn auth_failure(&self, ip: IpAddr) -> Duration {
-        self.auth_failures.borrow_mut().record_failure(ip, Instant::now())
+        lock(&self.shared.auth_failures).record_failure(ip, Instant::now())
     }
 
     /// Records a successful AUTH.
     pub fn auth_success(&self, ip: IpAddr) {
-        self.auth_failures.borrow_mut().record_success(ip);
+        lock(&self.shared.auth_failures).record_success(ip);
     }
 }
 
@@ -162,12 +189,7 @@ pub async fn handle_command(ctx: &Rc<ShardCtx>, session: &Session, arg: &[u8]) -
         Ok(t) => t,
         Err(r) => return r,
     };
-    if !ctx
-        .etrn
-        .etrn_rate
-        .borrow_mut()
-        .check(session.peer().ip(), Instant::now())
-    {
+    if !ctx.etrn.etrn_allowed(session.peer().ip()) {
         return Reply::owned(
             458,
             "4.7.0",
@@ -294,6 +316,25 @@ mod tests {
             Target::Domain(NodeName::parse("test").unwrap())
         );
         assert_eq!(parse_target(b"#dialup").unwrap(), Target::Queue("dialup".into()));
+    }
+
+    #[test]
+    fn limits_are_shared_by_the_shards_of_one_relay_only() {
+        let shard0 = EtrnState::new();
+        let (shard1, elsewhere) = (shard0.clone(), EtrnState::new());
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for _ in 0..5 {
+            shard0.auth_failure(ip);
+        }
+        assert!(shard0.auth_locked_out(ip).is_some());
+        assert!(shard1.auth_locked_out(ip).is_some(), "a lock-out holds on every shard");
+        assert!(
+            elsewhere.auth_locked_out(ip).is_none(),
+            "another relay has its own limits"
+        );
+        let on_shard0 = (0..25).filter(|_| shard0.etrn_allowed(ip)).count();
+        assert_eq!(on_shard0, 20, "burst");
+        assert!(!shard1.etrn_allowed(ip), "one ETRN budget for all shards");
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - [`etrn`]: ETRN argument forms, protected-queue access rules, routing to the owning shard.
 //! - [`queue_run`]: a node's queue streamed to its server over parallel connections.
 //! - [`delivery`]: outbound SMTP client used by queue runs.
+//! - [`tls`]: rustls configurations and the plaintext-or-TLS stream used for STARTTLS.
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
 //!
 //! ## Data flow
@@ -45,3 +46,4 @@ pub mod queue_run;
 pub mod runtime;
 pub mod smtp;
 pub mod spool;
+pub mod tls;

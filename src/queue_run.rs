@@ -40,6 +40,8 @@ struct Run {
     deferred: RefCell<Vec<QueueEntry>>,
     touched: RefCell<HashSet<SegmentId>>,
     delivered: Cell<usize>,
+    /// Set once `finish` has handed the deferred parts back and unregistered the run.
+    closed: Cell<bool>,
 }
 
 /// Parts of `node` being delivered right now.
@@ -51,8 +53,16 @@ pub fn in_flight(ctx: &ShardCtx, node: NodeIdx) -> usize {
 pub fn start_or_join(ctx: &Rc<ShardCtx>, node: NodeIdx, dynamic_ip: Option<IpAddr>) {
     let existing = ctx.runs.active.borrow().get(&node).cloned();
     if let Some(run) = existing {
-        if dynamic_ip.is_some() {
-            run.dynamic_ip.set(dynamic_ip);
+        if let Some(ip) = dynamic_ip {
+            run.dynamic_ip.set(Some(ip));
+            // A CRAM-MD5 ETRN joining a run that a timer or another client started: the
+            // client's address becomes the first target for the connections opened from now on.
+            let target = SocketAddr::new(ip, ctx.cfg.delivery.port);
+            let mut targets = run.targets.borrow_mut();
+            if !targets.is_empty() && targets.first() != Some(&target) {
+                targets.retain(|t| *t != target);
+                targets.insert(0, target);
+            }
         }
         add_workers(ctx, &run);
         return;
@@ -66,6 +76,7 @@ pub fn start_or_join(ctx: &Rc<ShardCtx>, node: NodeIdx, dynamic_ip: Option<IpAdd
         deferred: RefCell::new(Vec::new()),
         touched: RefCell::new(HashSet::new()),
         delivered: Cell::new(0),
+        closed: Cell::new(false),
     });
     ctx.runs.active.borrow_mut().insert(node, run.clone());
     let ctx = ctx.clone();
@@ -420,19 +431,34 @@ async fn queue_bounce(ctx: &Rc<ShardCtx>, view: &record::RecordView<'_>, qid: &s
 }
 
 async fn finish(ctx: &Rc<ShardCtx>, run: &Rc<Run>) {
-    // Mail that arrived after the workers drained the queue: keep going.
-    let queued = ctx.queues.borrow().get(run.node).map_or(0, |q| q.len());
-    let reachable = !run.targets.borrow().is_empty() && run.deferred.borrow().is_empty();
-    if queued > 0 && reachable {
-        add_workers(ctx, run);
+    loop {
+        if run.closed.get() {
+            return; // another call (from a worker that joined while we synced) closed it
+        }
+        // Mail that arrived after the workers drained the queue: keep going.
+        let queued = ctx.queues.borrow().get(run.node).map_or(0, |q| q.len());
+        let reachable = !run.targets.borrow().is_empty() && run.deferred.borrow().is_empty();
+        if queued > 0 && reachable {
+            add_workers(ctx, run);
+            if run.workers.get() > 0 {
+                return;
+            }
+        }
+        let touched: Vec<SegmentId> = run.touched.borrow_mut().drain().collect();
+        if touched.is_empty() {
+            break;
+        }
+        for seg in touched {
+            let _ = ctx.files.sync(seg).await;
+        }
+        // The run is still registered while we sync: an ETRN may have joined it (new
+        // workers) or mail may have arrived. Look again; only the code below, which does
+        // not yield, may close the run.
         if run.workers.get() > 0 {
             return;
         }
     }
-    let touched: Vec<SegmentId> = run.touched.borrow_mut().drain().collect();
-    for seg in touched {
-        let _ = ctx.files.sync(seg).await;
-    }
+    run.closed.set(true);
     let deferred = std::mem::take(&mut *run.deferred.borrow_mut());
     let n_deferred = deferred.len();
     {
@@ -442,7 +468,12 @@ async fn finish(ctx: &Rc<ShardCtx>, run: &Rc<Run>) {
             q.push(e);
         }
     }
-    ctx.runs.active.borrow_mut().remove(&run.node);
+    {
+        let mut active = ctx.runs.active.borrow_mut();
+        if active.get(&run.node).is_some_and(|r| Rc::ptr_eq(r, run)) {
+            active.remove(&run.node);
+        }
+    }
     if ctx.runs.active.borrow().is_empty() {
         ctx.files.close_all();
     }

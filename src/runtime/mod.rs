@@ -308,7 +308,14 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         .name("etrn-shard")
         .io_memory(1 << 20)
         .on_all_shards({
-            let cfg = cfg.clone();
+            let shared = shard::SharedParts {
+                cfg: cfg.clone(),
+                router,
+                inboxes,
+                seg_dir,
+                connections,
+                etrn: crate::etrn::EtrnState::new(),
+            };
             move || async move {
                 let id = next_shard.fetch_add(1, Ordering::SeqCst);
                 let init = inits.lock().expect("init lock")[id].take().unwrap_or_default();
@@ -318,7 +325,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
                 let stop = stops.lock().expect("stop lock")[id]
                     .take()
                     .expect("one stop channel per shard");
-                let ctx = ShardCtx::new(id, cfg, router, inboxes, seg_dir, connections, init);
+                let ctx = ShardCtx::new(id, shared, init);
                 shard::serve(ctx, rx, listen, stop).await;
             }
         })

@@ -57,17 +57,34 @@ pub struct ShardCtx {
     pub local_connections: Cell<usize>,
 }
 
+/// What every shard of one relay shares (cloned into each executor at start-up).
+#[derive(Clone)]
+pub struct SharedParts {
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// Node-to-shard map.
+    pub router: ShardRouter,
+    /// Every shard's inbox.
+    pub inboxes: Arc<Vec<Inbox>>,
+    /// The spool's segment directory.
+    pub seg_dir: PathBuf,
+    /// Open connections over all shards.
+    pub connections: Arc<AtomicUsize>,
+    /// ETRN/AUTH abuse limits.
+    pub etrn: crate::etrn::EtrnState,
+}
+
 impl ShardCtx {
-    /// Builds the context and loads the recovered queues.
-    pub fn new(
-        id: usize,
-        cfg: Arc<Config>,
-        router: ShardRouter,
-        inboxes: Arc<Vec<Inbox>>,
-        seg_dir: PathBuf,
-        connections: Arc<AtomicUsize>,
-        init: ShardInit,
-    ) -> Rc<ShardCtx> {
+    /// Builds the context of shard `id` and loads its recovered queues.
+    pub fn new(id: usize, shared: SharedParts, init: ShardInit) -> Rc<ShardCtx> {
+        let SharedParts {
+            cfg,
+            router,
+            inboxes,
+            seg_dir,
+            connections,
+            etrn,
+        } = shared;
         let table = Rc::new(SegmentTable::new(seg_dir.clone()));
         for (seg, parts) in init.segments {
             table.add_parts(seg, parts, true);
@@ -79,7 +96,7 @@ impl ShardCtx {
         let writer = SpoolWriter::start(seg_dir.clone(), id, segment_size(&cfg), table.clone());
         Rc::new(ShardCtx {
             id,
-            etrn: crate::etrn::EtrnState::new(&cfg),
+            etrn,
             runs: Default::default(),
             resolver: crate::dns::Resolver::new(crate::dns::ResolverConfig {
                 nameservers: cfg.dns.nameservers.clone(),

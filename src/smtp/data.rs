@@ -196,6 +196,9 @@ impl DataReceiver {
 
 /// Counts `Received:` header fields in a message's header section (up to the first empty line).
 pub fn count_received_headers(message: &[u8]) -> usize {
+    if message.starts_with(b"\r\n") {
+        return 0; // no header section: everything after the empty line is body
+    }
     let headers_end = memchr::memmem::find(message, b"\r\n\r\n").map_or(message.len(), |i| i + 2);
     let headers = &message[..headers_end];
     let mut n = 0;
@@ -328,5 +331,7 @@ mod tests {
     fn counts_received() {
         let m = b"Received: a\r\nreceived: b\r\nX: y\r\n\r\nReceived: body\r\n";
         assert_eq!(count_received_headers(m), 2);
+        assert_eq!(count_received_headers(b"\r\nReceived: body\r\nReceived: body\r\n"), 0);
+        assert_eq!(count_received_headers(b"Received: a\r\nReceived: b\r\n"), 2);
     }
 }

@@ -25,7 +25,7 @@ use crate::queue::{NodeIdx, QueueEntry};
 use crate::runtime::{ShardCtx, ShardMsg};
 use crate::spool::{self, record::RecordBuilder, SpoolError};
 
-/// Most `Received:` headers a message may carry before we call it a loop (RFC 5321 6.3).
+/// A message arriving with more `Received:` headers than this is a loop (RFC 5321 6.3).
 pub const MAX_RECEIVED: usize = 50;
 
 /// Accepts connections on one listener forever.
@@ -582,7 +582,7 @@ impl Connection {
             data_error_reply(err, &cfg)
         } else if over_budget {
             common::STORAGE
-        } else if count_received_headers(&rec.data()[received_len..]) + 1 > MAX_RECEIVED {
+        } else if count_received_headers(&rec.data()[received_len..]) > MAX_RECEIVED {
             Reply::new(554, "5.4.6", "Too many Received headers: mail loop detected")
         } else {
             let eight_bit = d.saw_eight_bit() || txn.params.eight_bit;

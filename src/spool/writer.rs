@@ -47,7 +47,12 @@ pub enum SpoolError {
 impl From<glommio::GlommioError<()>> for SpoolError {
     fn from(e: glommio::GlommioError<()>) -> SpoolError {
         let io: std::io::Error = e.into();
-        if io.raw_os_error() == Some(libc::ENOSPC) || io.raw_os_error() == Some(libc::EDQUOT) {
+        // glommio wraps the OS error with context (no raw errno then); its kind survives.
+        let full = matches!(
+            io.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        );
+        if full || io.raw_os_error() == Some(libc::ENOSPC) || io.raw_os_error() == Some(libc::EDQUOT) {
             SpoolError::Full
         } else {
             SpoolError::Io(io.to_string())
@@ -354,8 +359,14 @@ async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
     for (w, loc, parts, r) in results {
         if let Err(e) = &r {
             tracing::error!(error = %e, segment = %loc.segment.file_name(), offset = loc.offset, "spool write failed");
+            let mut removable = false;
             for _ in 0..parts {
-                table.part_done(loc.segment);
+                removable |= table.part_done(loc.segment);
+            }
+            if removable {
+                // Sealed (by a rotation while this write was in flight) and now holds nothing
+                // acknowledged: nobody else would ever remove it.
+                table.remove(loc.segment).await;
             }
         }
         let _ = w.try_send(r.map(|()| loc));

@@ -71,8 +71,14 @@ impl Relay {
     pub fn start_in(dir: tempfile::TempDir, top: &str, smtp_extra: &str, rest: &str) -> Relay {
         let port = free_port();
         let spool = dir.path().join("spool");
+        // `top` may set its own segment size (a TOML key may appear only once).
+        let segment_size = if top.contains("spool_segment_size") {
+            ""
+        } else {
+            "spool_segment_size = 1048576\n"
+        };
         let config = format!(
-            "hostname = \"relay.test\"\nspool_dir = \"{}\"\nspool_segment_size = 1048576\n{top}\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{smtp_extra}\n{rest}\n",
+            "hostname = \"relay.test\"\nspool_dir = \"{}\"\n{segment_size}{top}\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{smtp_extra}\n{rest}\n",
             spool.display()
         );
         let config_path = dir.path().join("relay.toml");
@@ -448,6 +454,26 @@ impl SmtpClient {
         s
     }
 
+    /// Data-carrying TCP segments received on this connection so far (Linux `TCP_INFO`
+    /// `tcpi_data_segs_in`): tells how many writes the server needed for a batch of replies.
+    pub fn data_segments_in(&self) -> u32 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: getsockopt into a zeroed tcp_info of the size we pass.
+        unsafe {
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let rc = libc::getsockopt(
+                self.stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            );
+            assert_eq!(rc, 0, "getsockopt(TCP_INFO): {}", std::io::Error::last_os_error());
+            info.tcpi_data_segs_in
+        }
+    }
+
     /// Reads until EOF and returns what came and how long it took; panics if the server did
     /// not close within `within`.
     pub fn read_until_closed(&mut self, within: Duration) -> (String, Duration) {
@@ -502,6 +528,22 @@ impl Relay {
             .arg(&self.config_path)
             .output()
             .unwrap()
+    }
+
+    /// Files the relay process holds open although they were deleted (their disk space is not
+    /// given back while they are open), from /proc/<pid>/fd.
+    pub fn open_deleted_files(&self) -> Vec<String> {
+        let Some(c) = self.child.as_ref() else {
+            return Vec::new();
+        };
+        std::fs::read_dir(format!("/proc/{}/fd", c.id()))
+            .map(|d| {
+                d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .map(|p| p.display().to_string())
+                    .filter(|p| p.ends_with(" (deleted)"))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// True once the process has exited (it should not have).
@@ -647,7 +689,9 @@ pub fn connect_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> TcpStream {
     let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
         sin_zero: [0; 8],
     };
     unsafe {
@@ -677,7 +721,10 @@ impl SmtpClient {
 impl Relay {
     /// Lines of the relay log that contain every one of `needles`.
     pub fn log_lines_with(&self, needles: &[&str]) -> usize {
-        self.log().lines().filter(|l| needles.iter().all(|n| l.contains(n))).count()
+        self.log()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
     }
 }
 
@@ -688,7 +735,9 @@ pub fn sink_message(file: &[u8]) -> (String, Vec<u8>) {
     let body = sink_body(file);
     let head_len = file.len() - body.len();
     let envelope = String::from_utf8_lossy(&file[..head_len]).into_owned();
-    let msg = body.strip_suffix(b"\n").expect("smtp-sink ends each dump with an empty line");
+    let msg = body
+        .strip_suffix(b"\n")
+        .expect("smtp-sink ends each dump with an empty line");
     (envelope, msg.to_vec())
 }
 
@@ -807,11 +856,7 @@ impl Drop for ScriptedServer {
     }
 }
 
-fn serve_scripted(
-    conn: TcpStream,
-    script: &Script,
-    txns: &std::sync::Mutex<Vec<ScriptedTxn>>,
-) -> std::io::Result<()> {
+fn serve_scripted(conn: TcpStream, script: &Script, txns: &std::sync::Mutex<Vec<ScriptedTxn>>) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut w = conn.try_clone()?;
     let mut r = BufReader::new(conn);
@@ -890,8 +935,11 @@ fn serve_scripted(
     }
 }
 
-/// The dnsmasq arguments of `--mx-host`/`--host-record` pairs: `(domain, [(pref, host, ip)])`.
-pub fn mx_zone(entries: &[(&str, &[(u16, &str, &str)])]) -> Vec<String> {
+/// MX records of one domain for [`mx_zone`]: `(domain, [(preference, host, host's IPv4)])`.
+pub type MxRecords<'a> = (&'a str, &'a [(u16, &'a str, &'a str)]);
+
+/// The dnsmasq arguments of `--mx-host`/`--host-record` pairs (an empty IP adds no A record).
+pub fn mx_zone(entries: &[MxRecords]) -> Vec<String> {
     let mut v = Vec::new();
     for (domain, mxs) in entries {
         for (pref, host, ip) in mxs.iter() {
@@ -912,4 +960,21 @@ pub fn delivery_toml(dns: &Dns, port: u16, extra_delivery: &str) -> String {
         "[dns]\nnameservers = [\"127.0.0.1:{}\"]\ntimeout_secs = 1\n[delivery]\nport = {port}\ntimeout_scale = 0.01\n{extra_delivery}\n",
         dns.port
     )
+}
+
+impl Sink {
+    /// Messages smtp-sink has finished writing. It creates the dump file when the transaction
+    /// starts and writes it through a buffer, so a file that is still being written can be
+    /// empty or cut short; a finished one has the sink's Received header and ends with the
+    /// empty line the sink appends.
+    pub fn complete_messages(&self) -> Vec<Vec<u8>> {
+        self.messages()
+            .into_iter()
+            .filter(|f| f.ends_with(b"\n\n") && memchr::memmem::find(f, b"(smtp-sink) with").is_some())
+            .collect()
+    }
+
+    pub fn complete_count(&self) -> usize {
+        self.complete_messages().len()
+    }
 }
