@@ -199,6 +199,17 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// Configured nodes (possibly none: then the relay accepts nothing).
     pub nodes: Vec<NodeConfig>,
+    /// Certificate and key for inbound STARTTLS (None: STARTTLS not offered).
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for the server side of STARTTLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
 }
 
 // ---- raw (serde) layer: exactly the file's shape, unknown keys rejected -------------------
@@ -219,6 +230,14 @@ struct RawConfig {
     delivery: RawDelivery,
     #[serde(default)]
     node: Vec<RawNode>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Deserialize, Default)]
@@ -500,6 +519,10 @@ impl Config {
             dns,
             delivery,
             nodes,
+            tls: raw.tls.map(|t| TlsFiles {
+                cert: t.cert,
+                key: t.key,
+            }),
         })
     }
 

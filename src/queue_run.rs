@@ -190,13 +190,16 @@ fn pop(ctx: &ShardCtx, node: NodeIdx) -> Option<QueueEntry> {
     ctx.queues.borrow_mut().get_mut(node).pop()
 }
 
-fn client_config(ctx: &ShardCtx) -> ClientConfig {
-    ClientConfig::rfc5321(ctx.cfg.hostname.clone()).scaled(ctx.cfg.delivery.timeout_scale)
+fn client_config(ctx: &ShardCtx, node: NodeIdx) -> ClientConfig {
+    let mut cc = ClientConfig::rfc5321(ctx.cfg.hostname.clone()).scaled(ctx.cfg.delivery.timeout_scale);
+    cc.tls = Some(ctx.tls_client.clone());
+    cc.require_tls = ctx.cfg.nodes[node.0 as usize].require_tls;
+    cc
 }
 
 async fn connect(ctx: &ShardCtx, run: &Run) -> Option<SmtpClient> {
     let targets = run.targets.borrow().clone();
-    let cc = client_config(ctx);
+    let cc = client_config(ctx, run.node);
     for addr in targets {
         match SmtpClient::connect(addr, &cc).await {
             Ok(c) => return Some(c),

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use glommio::net::TcpStream;
+
+use crate::tls::MaybeTls;
 use glommio::timer::Timer;
 use memchr::memchr;
 
@@ -32,11 +34,32 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Longest address accepted in MAIL FROM / RCPT TO (RFC 5321 4.5.3.1.3 says 256 for a path).
 const MAX_ADDRESS: usize = 1000;
 
+/// The rustls client configuration for STARTTLS towards nodes (compared by identity).
+#[derive(Clone)]
+pub struct TlsClient(pub std::sync::Arc<rustls::ClientConfig>);
+
+impl PartialEq for TlsClient {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsClient")
+    }
+}
+
 /// Timeouts and identity of the outbound client.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
     /// The name sent in EHLO/HELO (our own host name).
     pub helo_name: String,
+    /// STARTTLS when the server offers it (None: never).
+    pub tls: Option<TlsClient>,
+    /// Refuse to send anything without TLS: a server that does not offer STARTTLS, or whose
+    /// handshake fails, gives [`ClientError::TlsRequired`].
+    pub require_tls: bool,
     /// Limit on establishing the TCP connection.
     pub connect_timeout: Duration,
     /// Wait for the 220 greeting (RFC 5321: 5 minutes). Also used for EHLO/HELO.
@@ -59,6 +82,8 @@ impl ClientConfig {
         const MIN: u64 = 60;
         ClientConfig {
             helo_name,
+            tls: None,
+            require_tls: false,
             connect_timeout: Duration::from_secs(30),
             greeting_timeout: Duration::from_secs(5 * MIN),
             mail_timeout: Duration::from_secs(5 * MIN),
@@ -85,6 +110,8 @@ impl ClientConfig {
             data_block_timeout: s(self.data_block_timeout),
             data_end_timeout: s(self.data_end_timeout),
             helo_name: self.helo_name,
+            tls: self.tls,
+            require_tls: self.require_tls,
         }
     }
 }
@@ -133,6 +160,9 @@ pub enum ClientError {
     /// The greeting or EHLO/HELO got a 4xx/5xx reply.
     #[error("rejected by server: {0}")]
     Rejected(Reply),
+    /// The node must be reached over TLS and this server cannot provide it.
+    #[error("{0}")]
+    TlsRequired(String),
 }
 
 impl ClientError {
@@ -146,6 +176,7 @@ impl ClientError {
 /// Extensions the server announced in its EHLO reply.
 #[derive(Debug, Default, Clone, Copy)]
 struct Extensions {
+    starttls: bool,
     pipelining: bool,
     eight_bit_mime: bool,
     size_offered: bool,
@@ -161,7 +192,9 @@ impl Extensions {
             let Some(keyword) = words.next() else {
                 continue;
             };
-            if keyword.eq_ignore_ascii_case("PIPELINING") {
+            if keyword.eq_ignore_ascii_case("STARTTLS") {
+                ext.starttls = true;
+            } else if keyword.eq_ignore_ascii_case("PIPELINING") {
                 ext.pipelining = true;
             } else if keyword.eq_ignore_ascii_case("8BITMIME") {
                 ext.eight_bit_mime = true;
@@ -176,7 +209,7 @@ impl Extensions {
 
 /// An established SMTP session with one server, reusable for several messages.
 pub struct SmtpClient {
-    stream: TcpStream,
+    stream: MaybeTls<TcpStream>,
     cfg: ClientConfig,
     ext: Extensions,
     rbuf: Box<[u8]>,
@@ -268,7 +301,7 @@ impl SmtpClient {
         // set the option is harmless.
         let _ = stream.set_nodelay(true);
         let mut client = SmtpClient {
-            stream,
+            stream: MaybeTls::Plain(stream),
             cfg: cfg.clone(),
             ext: Extensions::default(),
             rbuf: vec![0; READ_BUF].into_boxed_slice(),
@@ -321,8 +354,64 @@ impl SmtpClient {
                 )))
             }
         }
-        tracing::debug!(%addr, ext = ?client.ext, "smtp session established");
+        client.maybe_starttls(addr).await?;
+        tracing::debug!(%addr, ext = ?client.ext, tls = client.stream.is_tls(), "smtp session established");
         Ok(client)
+    }
+
+    /// Opportunistic STARTTLS (RFC 3207) after EHLO; with `require_tls`, mandatory.
+    async fn maybe_starttls(&mut self, addr: SocketAddr) -> Result<(), ClientError> {
+        let Some(tls) = self.cfg.tls.clone() else {
+            return if self.cfg.require_tls {
+                Err(ClientError::TlsRequired("TLS is required but not configured".into()))
+            } else {
+                Ok(())
+            };
+        };
+        if !self.ext.starttls {
+            if self.cfg.require_tls {
+                self.quit_quietly().await;
+                return Err(ClientError::TlsRequired(format!("{addr} does not offer STARTTLS")));
+            }
+            return Ok(());
+        }
+        let t = self.cfg.greeting_timeout;
+        let reply = self.command(b"STARTTLS\r\n", t, "starttls").await?;
+        if reply.code != 220 {
+            if self.cfg.require_tls {
+                self.quit_quietly().await;
+                return Err(ClientError::TlsRequired(format!("{addr} refused STARTTLS: {reply}")));
+            }
+            return Ok(());
+        }
+        // Anything the server sent before the handshake is not part of the TLS session.
+        self.rstart = 0;
+        self.rend = 0;
+        let name = addr.ip().to_string();
+        let stream = &mut self.stream;
+        let handshake = async move { stream.connect(tls.0, &name).await.map_err(ClientError::Io) };
+        if let Err(e) = timed(t, "tls handshake", handshake).await {
+            self.broken = true;
+            return Err(if self.cfg.require_tls {
+                ClientError::TlsRequired(format!("TLS handshake with {addr} failed: {e}"))
+            } else {
+                e
+            });
+        }
+        // RFC 3207 4.2: forget what the server said before; ask again.
+        let ehlo = format!("EHLO {}\r\n", self.cfg.helo_name);
+        let reply = self.command(ehlo.as_bytes(), t, "ehlo").await?;
+        if reply.code / 100 != 2 {
+            self.quit_quietly().await;
+            return Err(ClientError::Rejected(reply));
+        }
+        self.ext = Extensions::parse(&reply.text);
+        Ok(())
+    }
+
+    /// True when the session is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
     }
 
     /// True when the server announced PIPELINING (RFC 2920).

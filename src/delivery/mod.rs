@@ -23,5 +23,5 @@ mod smtp_sink_tests;
 #[cfg(test)]
 mod tests;
 
-pub use client::{ClientConfig, ClientError, OutboundMessage, RcptOutcome, SmtpClient};
+pub use client::{ClientConfig, ClientError, OutboundMessage, RcptOutcome, SmtpClient, TlsClient};
 pub use reply::Reply;

@@ -172,6 +172,9 @@ pub enum StartError {
     /// Recovery scan failed.
     #[error("spool recovery scan failed: {0}")]
     Scan(std::io::Error),
+    /// The TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The executors could not start.
     #[error("cannot start executors: {0}")]
     Executor(String),
@@ -265,6 +268,10 @@ fn spawn_signal_thread(shards: usize) -> Vec<Option<crossbeam_channel::Receiver<
 /// Opens the spool, recovers it, starts every shard and blocks until they stop.
 pub fn run(cfg: Config) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
+    let tls_server = match &cfg.tls {
+        Some(t) => Some(crate::tls::server_config(&t.cert, &t.key)?),
+        None => None,
+    };
     let spool_dir = SpoolDir::open(&cfg.spool_dir)?;
     let seg_dir = spool_dir.segments_dir();
     let t0 = std::time::Instant::now();
@@ -315,6 +322,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
                 seg_dir,
                 connections,
                 etrn: crate::etrn::EtrnState::new(),
+                tls_server,
+                tls_client: crate::delivery::TlsClient(crate::tls::opportunistic_client_config()),
             };
             move || async move {
                 let id = next_shard.fetch_add(1, Ordering::SeqCst);

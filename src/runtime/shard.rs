@@ -51,6 +51,10 @@ pub struct ShardCtx {
     ids: RefCell<crate::spool::IdGen>,
     /// Idle deadlines of this shard's connections.
     pub idle: crate::smtp::server::IdleRegistry,
+    /// Inbound STARTTLS configuration (None: not offered).
+    pub tls_server: Option<Arc<rustls::ServerConfig>>,
+    /// Outbound STARTTLS configuration.
+    pub tls_client: crate::delivery::TlsClient,
     /// Set on SIGTERM: new commands get 421, open transactions finish.
     pub draining: Cell<bool>,
     /// Connections open on this shard.
@@ -72,6 +76,10 @@ pub struct SharedParts {
     pub connections: Arc<AtomicUsize>,
     /// ETRN/AUTH abuse limits.
     pub etrn: crate::etrn::EtrnState,
+    /// Inbound STARTTLS configuration, when `[tls]` is configured.
+    pub tls_server: Option<Arc<rustls::ServerConfig>>,
+    /// Outbound (opportunistic) STARTTLS configuration.
+    pub tls_client: crate::delivery::TlsClient,
 }
 
 impl ShardCtx {
@@ -84,6 +92,8 @@ impl ShardCtx {
             seg_dir,
             connections,
             etrn,
+            tls_server,
+            tls_client,
         } = shared;
         let table = Rc::new(SegmentTable::new(seg_dir.clone()));
         for (seg, parts) in init.segments {
@@ -106,6 +116,8 @@ impl ShardCtx {
             }),
             ids: RefCell::new(crate::spool::IdGen::new(id)),
             idle: Default::default(),
+            tls_server,
+            tls_client,
             draining: Cell::new(false),
             local_connections: Cell::new(0),
             cfg,

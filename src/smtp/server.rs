@@ -24,6 +24,7 @@ use super::session::{Action, Session};
 use crate::queue::{NodeIdx, QueueEntry};
 use crate::runtime::{ShardCtx, ShardMsg};
 use crate::spool::{self, record::RecordBuilder, SpoolError};
+use crate::tls::MaybeTls;
 
 /// A message arriving with more `Received:` headers than this is a loop (RFC 5321 6.3).
 pub const MAX_RECEIVED: usize = 50;
@@ -200,7 +201,7 @@ enum NextLine {
 /// One client connection.
 pub struct Connection {
     ctx: Rc<ShardCtx>,
-    stream: TcpStream,
+    stream: MaybeTls<TcpStream>,
     watch_id: u64,
     watch: Rc<IdleWatch>,
     session: Session,
@@ -226,16 +227,22 @@ impl Drop for Connection {
 
 enum Flow {
     Continue,
+    /// Flush what is pending, then close.
     Close,
+    /// Close without writing (the stream is unusable).
+    Abort,
 }
 
 impl Connection {
     fn new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) -> Connection {
-        let session = Session::new(ctx.cfg.clone(), peer);
+        let mut session = Session::new(ctx.cfg.clone(), peer);
+        session.starttls_offered = ctx.tls_server.is_some();
         let (watch_id, watch) = ctx.idle.register(stream.as_raw_fd(), ctx.cfg.smtp.timeout);
+        // Replies are written whole; no small-write coalescing needed. Failure is harmless.
+        let _ = stream.set_nodelay(true);
         Connection {
             ctx,
-            stream,
+            stream: MaybeTls::Plain(stream),
             watch_id,
             watch,
             session,
@@ -251,6 +258,7 @@ impl Connection {
         if !self.out.is_empty() {
             self.watch.extend(self.ctx.cfg.smtp.timeout);
             self.stream.write_all(&self.out).await?;
+            self.stream.flush().await?;
             self.out.clear();
         }
         Ok(())
@@ -320,14 +328,6 @@ impl Connection {
     }
 
     async fn run(mut self) -> Result<(), ConnError> {
-        let cfg = self.ctx.cfg.clone();
-        self.stream
-            .set_read_timeout(Some(cfg.smtp.timeout))
-            .map_err(std::io::Error::from)?;
-        self.stream
-            .set_write_timeout(Some(cfg.smtp.timeout))
-            .map_err(std::io::Error::from)?;
-        let _ = self.stream.set_nodelay(true);
         self.session.greeting().encode_into(&mut self.out);
         self.flush().await?;
         loop {
@@ -355,6 +355,9 @@ impl Connection {
                     }
                     let action = self.session.handle(&self.buf[start..end]);
                     let flow = self.perform(action).await?;
+                    if let Flow::Abort = flow {
+                        return Ok(());
+                    }
                     if self.ctx.draining.get() {
                         common::SHUTDOWN.encode_into(&mut self.out);
                         self.flush().await?;
@@ -408,8 +411,47 @@ impl Connection {
                 let reply = self.authenticate(&mech, initial.as_deref()).await?;
                 reply.encode_into(&mut self.out);
             }
-            Action::StartTls => Reply::new(454, "4.7.0", "TLS not available").encode_into(&mut self.out),
+            Action::StartTls => return self.starttls().await,
         }
+        Ok(Flow::Continue)
+    }
+
+    /// STARTTLS (RFC 3207): 220, then the handshake. Any plaintext the client pipelined after
+    /// the command is discarded unread (the command-injection class of bug), and the session
+    /// starts over as if the client had just connected (no EHLO, no AUTH, no transaction).
+    async fn starttls(&mut self) -> Result<Flow, ConnError> {
+        let Some(cfg) = self.ctx.tls_server.clone() else {
+            Reply::new(502, "5.5.1", "STARTTLS not offered").encode_into(&mut self.out);
+            return Ok(Flow::Continue);
+        };
+        if self.stream.is_tls() {
+            Reply::new(503, "5.5.1", "TLS already active").encode_into(&mut self.out);
+            return Ok(Flow::Continue);
+        }
+        if self.session.in_transaction() {
+            Reply::new(503, "5.5.1", "STARTTLS not allowed inside a mail transaction").encode_into(&mut self.out);
+            return Ok(Flow::Continue);
+        }
+        Reply::new(220, "2.0.0", "Ready to start TLS").encode_into(&mut self.out);
+        self.flush().await?;
+        if self.end > self.start {
+            tracing::warn!(
+                peer = %self.session.peer(),
+                bytes = self.end - self.start,
+                "discarding plaintext pipelined after STARTTLS"
+            );
+        }
+        self.start = 0;
+        self.end = 0;
+        self.watch.extend(self.ctx.cfg.smtp.timeout);
+        if let Err(e) = self.stream.accept(cfg).await {
+            tracing::info!(peer = %self.session.peer(), error = %e, "TLS handshake failed");
+            return Ok(Flow::Abort);
+        }
+        let mut fresh = Session::new(self.ctx.cfg.clone(), self.session.peer());
+        fresh.tls = true;
+        fresh.starttls_offered = false;
+        self.session = fresh;
         Ok(Flow::Continue)
     }
 
@@ -606,7 +648,12 @@ impl Connection {
             .filter(|c| c.is_ascii_graphic())
             .take(255)
             .collect();
-        let proto = if self.session.is_esmtp() { "ESMTP" } else { "SMTP" };
+        let proto = match (self.session.is_esmtp(), self.session.tls) {
+            (true, true) => "ESMTPS",
+            (true, false) => "ESMTP",
+            (false, true) => "SMTPS",
+            (false, false) => "SMTP",
+        };
         let _ = write!(
             out,
             "Received: from {helo} ([{ip}])\r\n\tby {host} (etrn-relay) with {proto} id {qid}",

@@ -55,6 +55,8 @@ pub struct Session {
     pub auth_mechanism: Option<crate::auth::Mechanism>,
     /// Whether the connection is protected by TLS (AUTH PLAIN/LOGIN policy).
     pub tls: bool,
+    /// Whether EHLO advertises STARTTLS (a certificate is configured and TLS is not active).
+    pub starttls_offered: bool,
 }
 
 impl Session {
@@ -69,6 +71,7 @@ impl Session {
             authenticated: None,
             auth_mechanism: None,
             tls: false,
+            starttls_offered: false,
         }
     }
 
@@ -119,6 +122,9 @@ impl Session {
             self.helo.as_deref().unwrap_or(""),
             self.cfg.smtp.max_message_size
         );
+        if self.starttls_offered && !self.tls {
+            t.push_str("\nSTARTTLS");
+        }
         if self.plaintext_auth_allowed() {
             t.push_str("\nAUTH CRAM-MD5 PLAIN LOGIN");
         } else {
