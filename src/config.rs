@@ -491,12 +491,6 @@ impl Config {
                         .ok_or_else(|| invalid(key("retry_interval"), format!("`{t}` is not a duration like 30m")))?,
                 ),
             };
-            if n.require_tls {
-                return Err(invalid(
-                    key("require_tls"),
-                    "outbound TLS is not implemented yet; remove the key or set it to false",
-                ));
-            }
             nodes.push(NodeConfig {
                 name,
                 subdomains: n.subdomains,

@@ -160,8 +160,9 @@ pub enum ClientError {
     /// The greeting or EHLO/HELO got a 4xx/5xx reply.
     #[error("rejected by server: {0}")]
     Rejected(Reply),
-    /// The node must be reached over TLS and this server cannot provide it.
-    #[error("{0}")]
+    /// The node must be reached over TLS and this server cannot provide it. The message
+    /// says so ("TLS required: ..."), so the log line of a skipped server explains itself.
+    #[error("TLS required: {0}")]
     TlsRequired(String),
 }
 
@@ -363,7 +364,7 @@ impl SmtpClient {
     async fn maybe_starttls(&mut self, addr: SocketAddr) -> Result<(), ClientError> {
         let Some(tls) = self.cfg.tls.clone() else {
             return if self.cfg.require_tls {
-                Err(ClientError::TlsRequired("TLS is required but not configured".into()))
+                Err(ClientError::TlsRequired("no TLS client configuration".into()))
             } else {
                 Ok(())
             };
@@ -392,10 +393,14 @@ impl SmtpClient {
         let handshake = async move { stream.connect(tls.0, &name).await.map_err(ClientError::Io) };
         if let Err(e) = timed(t, "tls handshake", handshake).await {
             self.broken = true;
-            return Err(if self.cfg.require_tls {
-                ClientError::TlsRequired(format!("TLS handshake with {addr} failed: {e}"))
-            } else {
-                e
+            return Err(match e {
+                _ if self.cfg.require_tls => ClientError::TlsRequired(format!("TLS handshake with {addr} failed: {e}")),
+                // Say in the log line that it was the handshake (rustls errors do not).
+                ClientError::Io(io) => ClientError::Io(io::Error::new(
+                    io.kind(),
+                    format!("TLS handshake with {addr} failed: {io}"),
+                )),
+                e => e,
             });
         }
         // RFC 3207 4.2: forget what the server said before; ask again.

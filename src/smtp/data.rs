@@ -97,17 +97,43 @@ impl DataReceiver {
 
     /// Appends `bytes` to the output unless an error was already found (then nothing more is
     /// kept, so a huge rejected message costs no memory).
+    ///
+    /// When `bytes` crosses both limits, the one crossed at the earlier octet is reported, so
+    /// the verdict does not depend on how the input was split into reads.
     fn emit(&mut self, out: &mut Vec<u8>, bytes: &[u8]) {
+        if self.error.is_none() {
+            let line_room = self.max_line.saturating_sub(self.line_len);
+            let size_room = self.max_size.saturating_sub(self.size);
+            if bytes.len() > line_room.min(size_room) {
+                self.fail(if line_room <= size_room {
+                    DataError::LineTooLong
+                } else {
+                    DataError::TooBig
+                });
+            }
+        }
         self.size += bytes.len();
         self.line_len += bytes.len();
-        if self.line_len > self.max_line {
-            self.fail(DataError::LineTooLong);
-        }
-        if self.size > self.max_size {
-            self.fail(DataError::TooBig);
-        }
         if self.error.is_none() {
             out.extend_from_slice(bytes);
+        }
+    }
+
+    /// Emits a run of text: `bytes[..text]` is content, the rest (at most one octet) the CR or
+    /// LF that ended the run. A NUL is reported at its own position relative to a line or size
+    /// limit crossed in the same run.
+    fn emit_text(&mut self, out: &mut Vec<u8>, bytes: &[u8], text: usize) {
+        let content = &bytes[..text];
+        if !self.eight_bit && content.iter().any(|b| *b >= 0x80) {
+            self.eight_bit = true;
+        }
+        match memchr::memchr(0, content) {
+            None => self.emit(out, bytes),
+            Some(k) => {
+                self.emit(out, &bytes[..k]);
+                self.fail(DataError::Nul);
+                self.emit(out, &bytes[k..]);
+            }
         }
     }
 
@@ -160,13 +186,11 @@ impl DataReceiver {
                     let rest = &input[i..];
                     match memchr::memchr2(b'\r', b'\n', rest) {
                         None => {
-                            self.check_content(rest);
-                            self.emit(out, rest);
+                            self.emit_text(out, rest, rest.len());
                             i = input.len();
                         }
                         Some(j) => {
-                            self.check_content(&rest[..j]);
-                            self.emit(out, &rest[..=j]);
+                            self.emit_text(out, &rest[..=j], j);
                             i += j + 1;
                             if rest[j] == b'\n' {
                                 // A bare LF does not start a line: only CRLF does, so
@@ -182,15 +206,6 @@ impl DataReceiver {
             }
         }
         Feed::NeedMore
-    }
-
-    fn check_content(&mut self, text: &[u8]) {
-        if !self.eight_bit && text.iter().any(|b| *b >= 0x80) {
-            self.eight_bit = true;
-        }
-        if memchr::memchr(0, text).is_some() {
-            self.fail(DataError::Nul);
-        }
     }
 }
 
@@ -214,10 +229,11 @@ pub fn count_received_headers(message: &[u8]) -> usize {
     n
 }
 
-/// Simple reference implementation used by tests to check [`DataReceiver`]: whole input at
-/// once, line by line, no cleverness.
-#[cfg(test)]
-pub(crate) fn reference_unstuff(input: &[u8]) -> Option<(Vec<u8>, usize)> {
+/// Simple reference implementation used by tests and the fuzz targets to check
+/// [`DataReceiver`]: whole input at once, line by line, no cleverness. Returns the unstuffed
+/// message and where the terminator ends, or None when there is no `<CRLF>.<CRLF>` yet.
+#[doc(hidden)]
+pub fn reference_unstuff(input: &[u8]) -> Option<(Vec<u8>, usize)> {
     let mut out = Vec::new();
     let mut pos = 0;
     loop {
@@ -333,5 +349,155 @@ mod tests {
         assert_eq!(count_received_headers(m), 2);
         assert_eq!(count_received_headers(b"\r\nReceived: body\r\nReceived: body\r\n"), 0);
         assert_eq!(count_received_headers(b"Received: a\r\nReceived: b\r\n"), 2);
+    }
+}
+
+/// Property tests: any message a client can send (dot-stuffed, CRLF lines) comes out exactly as
+/// it went in whatever the read boundaries; one broken rule anywhere gives exactly its error and
+/// DATA still ends at the real `<CRLF>.<CRLF>` (never at a smuggled one); the limits hold to
+/// the octet.
+#[cfg(test)]
+mod properties {
+    use super::*;
+
+    const CASES: usize = 5_000;
+
+    fn line(rng: &mut fastrand::Rng, max: usize) -> Vec<u8> {
+        let len = rng.usize(0..=max);
+        let mut v: Vec<u8> = (0..len)
+            .map(|_| match rng.u8(0..10) {
+                0 => b'.',
+                1 => rng.u8(0x80..),
+                _ => rng.u8(0x20..0x7f),
+            })
+            .collect();
+        if len > 0 && rng.u8(0..4) == 0 {
+            v[0] = b'.';
+        }
+        v
+    }
+
+    /// Joins the lines with CRLF and dot-stuffs the way a client does: a '.' at the start of
+    /// every line, i.e. after every CRLF (also one a line of a test case carries inside it).
+    fn stuff(content_lines: &[Vec<u8>]) -> (Vec<u8>, Vec<u8>) {
+        let mut content = Vec::new();
+        for l in content_lines {
+            content.extend_from_slice(l);
+            content.extend_from_slice(b"\r\n");
+        }
+        let mut wire = Vec::with_capacity(content.len() + 8);
+        for (i, &c) in content.iter().enumerate() {
+            if c == b'.' && (i == 0 || content[..i].ends_with(b"\r\n")) {
+                wire.push(b'.');
+            }
+            wire.push(c);
+        }
+        wire.extend_from_slice(b".\r\n");
+        (content, wire)
+    }
+
+    fn feed_split(rng: &mut fastrand::Rng, d: &mut DataReceiver, wire: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+        let mut pos = 0;
+        while pos < wire.len() {
+            let end = (pos + rng.usize(1..=64)).min(wire.len());
+            if let Feed::Done(n) = d.feed(&wire[pos..end], out) {
+                return Some(pos + n);
+            }
+            pos = end;
+        }
+        None
+    }
+
+    #[test]
+    fn any_stuffed_message_round_trips_whatever_the_reads() {
+        let mut rng = fastrand::Rng::with_seed(6152);
+        for _ in 0..CASES {
+            let max_line = rng.usize(3..120);
+            let lines: Vec<Vec<u8>> = (0..rng.usize(0..20)).map(|_| line(&mut rng, max_line - 2)).collect();
+            let (content, mut wire) = stuff(&lines);
+            let end = wire.len();
+            wire.extend_from_slice(b"MAIL FROM:<>\r\n.\r\n");
+            let mut d = DataReceiver::new(content.len(), max_line);
+            let mut out = Vec::new();
+            let done = feed_split(&mut rng, &mut d, &wire, &mut out);
+            assert_eq!(done, Some(end), "{:?}", String::from_utf8_lossy(&wire));
+            assert_eq!(d.error(), None, "{:?}", String::from_utf8_lossy(&wire));
+            assert_eq!(out, content);
+            assert_eq!(d.size(), content.len());
+            assert_eq!(d.saw_eight_bit(), content.iter().any(|b| *b >= 0x80));
+            assert_eq!(reference_unstuff(&wire), Some((content, end)));
+        }
+    }
+
+    #[test]
+    fn one_broken_rule_gives_its_error_and_the_real_terminator_still_ends_data() {
+        let mut rng = fastrand::Rng::with_seed(3207);
+        // Every smuggling form has a bare CR or LF; none may end DATA.
+        let bare: [&[u8]; 9] = [
+            b"\n",
+            b"\r",
+            b"\n.\n",
+            b"\n.\r\n",
+            b"\r.\r",
+            b"\r\n.\n",
+            b"\r\n.\rX",
+            b"\r.\r\n",
+            b".\n",
+        ];
+        for _ in 0..CASES {
+            let max_line = rng.usize(8..100);
+            let mut lines: Vec<Vec<u8>> = (0..rng.usize(1..12)).map(|_| line(&mut rng, max_line - 2)).collect();
+            let victim = rng.usize(0..lines.len());
+            let (mut max_size, expected) = match rng.u8(0..5) {
+                0 | 1 => {
+                    let form = bare[rng.usize(0..bare.len())];
+                    let at = rng.usize(0..=lines[victim].len());
+                    // Keep the line inside the limit so only the bare newline is wrong.
+                    lines[victim].truncate(max_line.saturating_sub(2 + form.len()));
+                    let at = at.min(lines[victim].len());
+                    lines[victim].splice(at..at, form.iter().copied());
+                    (1 << 20, DataError::BareNewline)
+                }
+                2 => {
+                    let at = rng.usize(0..=lines[victim].len().min(max_line - 3));
+                    lines[victim].truncate(max_line - 3);
+                    lines[victim].insert(at, 0);
+                    (1 << 20, DataError::Nul)
+                }
+                3 => {
+                    // One octet over: max_line - 1 octets of text plus CRLF (a leading dot, being
+                    // stuffing, does not count).
+                    lines[victim] = line(&mut rng, 0);
+                    lines[victim].resize(max_line - 1, b'y');
+                    (1 << 20, DataError::LineTooLong)
+                }
+                _ => (usize::MAX, DataError::TooBig),
+            };
+            let (content, mut wire) = stuff(&lines);
+            if expected == DataError::TooBig {
+                max_size = content.len() - 1;
+            }
+            let end = wire.len();
+            wire.extend_from_slice(b"RSET\r\n");
+            let mut d = DataReceiver::new(max_size, max_line);
+            let mut out = Vec::new();
+            let done = feed_split(&mut rng, &mut d, &wire, &mut out);
+            assert_eq!(done, Some(end), "{expected:?} {:?}", String::from_utf8_lossy(&wire));
+            assert_eq!(d.error(), Some(expected), "{:?}", String::from_utf8_lossy(&wire));
+            assert!(out.len() <= max_size);
+            // The same message with the limit one octet higher (or the line one shorter) is fine.
+            if expected == DataError::TooBig {
+                let mut d = DataReceiver::new(max_size + 1, max_line);
+                assert_eq!(d.feed(&wire, &mut Vec::new()), Feed::Done(end));
+                assert_eq!(d.error(), None);
+            }
+            if expected == DataError::LineTooLong {
+                lines[victim].pop();
+                let (_, wire) = stuff(&lines);
+                let mut d = DataReceiver::new(max_size, max_line);
+                assert_eq!(d.feed(&wire, &mut Vec::new()), Feed::Done(wire.len()));
+                assert_eq!(d.error(), None, "{:?}", String::from_utf8_lossy(&wire));
+            }
+        }
     }
 }

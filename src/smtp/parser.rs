@@ -156,21 +156,20 @@ fn bracketed(s: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// Parses a mailbox (RFC 5321 4.1.2), dropping an obsolete source route `@a,@b:`.
-pub fn parse_mailbox(path: &[u8]) -> Option<Mailbox<'_>> {
-    let path = if path.first() == Some(&b'@') {
-        &path[memchr::memchr(b':', path)? + 1..]
+pub fn parse_mailbox(whole: &[u8]) -> Option<Mailbox<'_>> {
+    let path = if whole.first() == Some(&b'@') {
+        &whole[memchr::memchr(b':', whole)? + 1..]
     } else {
-        path
+        whole
     };
     let at = memchr::memrchr(b'@', path)?;
     let (local, domain) = (&path[..at], &path[at + 1..]);
     if local.is_empty() || domain.is_empty() || local.len() > 64 || domain.len() > 255 {
         return None;
     }
-    if path
-        .iter()
-        .any(|&c| c <= b' ' && !(c == b' ' && local.first() == Some(&b'"')) || c == 0x7f)
-    {
+    let quoted = local[0] == b'"';
+    // No control octets anywhere, not even in the source route that is dropped.
+    if whole.iter().any(|&c| c <= b' ' && !(c == b' ' && quoted) || c == 0x7f) {
         return None;
     }
     let domain_ok = if domain[0] == b'[' {
@@ -194,7 +193,9 @@ fn parse_mail(arg: &[u8]) -> Result<Command<'_>, ParseError> {
     let mut p = MailParams::default();
     for param in trim(params).split(|c| *c == b' ').filter(|s| !s.is_empty()) {
         if let Some(n) = strip_prefix_ci(param, b"SIZE=") {
-            let n = std::str::from_utf8(n).ok().and_then(|s| s.parse().ok());
+            // RFC 1870 size-value is 1*20DIGIT; `str::parse` alone would also take "+5".
+            let digits = !n.is_empty() && n.iter().all(u8::is_ascii_digit);
+            let n = digits.then(|| std::str::from_utf8(n).ok()?.parse().ok()).flatten();
             p.size = Some(n.ok_or(ParseError::Syntax("SIZE=<number>"))?);
         } else if let Some(b) = strip_prefix_ci(param, b"BODY=") {
             if b.eq_ignore_ascii_case(b"8BITMIME") {
@@ -279,5 +280,249 @@ mod tests {
         assert!(parse_command(b"RCPT TO:<user@bad_domain>").is_err());
         assert!(parse_command(b"RCPT TO:<us\0er@node1.test>").is_err());
         assert!(parse_command(b"RCPT TO:<a@[127.0.0.1]>").is_ok());
+    }
+}
+
+/// Property tests: generated commands parse to exactly what was generated, whatever the case
+/// and spacing; a control octet anywhere in a path (source route included) is refused; the
+/// domain is what follows the last `@`; and the fast parser agrees with the simple reference in
+/// [`crate::smtp::fuzzing`] on every generated line.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::smtp::fuzzing::{check_command_line, reference_parse};
+
+    const CASES: usize = 20_000;
+
+    fn random_case(rng: &mut fastrand::Rng, s: &[u8]) -> Vec<u8> {
+        s.iter()
+            .map(|c| {
+                if rng.bool() {
+                    c.to_ascii_lowercase()
+                } else {
+                    c.to_ascii_uppercase()
+                }
+            })
+            .collect()
+    }
+
+    fn blanks(rng: &mut fastrand::Rng, min: usize) -> Vec<u8> {
+        (0..rng.usize(min..min + 3))
+            .map(|_| if rng.u8(0..4) == 0 { b'\t' } else { b' ' })
+            .collect()
+    }
+
+    fn local_part(rng: &mut fastrand::Rng) -> Vec<u8> {
+        const ATEXT: &[u8] = b"abcXYZ0189!#$%&'*+-/=?^_`{|}~";
+        if rng.u8(0..4) == 0 {
+            // Quoted: spaces, '>' and '@' allowed, '"' escaped.
+            let mut v = vec![b'"'];
+            for _ in 0..rng.usize(1..20) {
+                match rng.u8(0..6) {
+                    0 => v.extend_from_slice(b"\\\""),
+                    1 => v.push(b' '),
+                    2 => v.push(b'>'),
+                    3 => v.push(b'@'),
+                    _ => v.push(ATEXT[rng.usize(0..ATEXT.len())]),
+                }
+            }
+            v.push(b'"');
+            v
+        } else {
+            let mut v = Vec::new();
+            for i in 0..rng.usize(1..4) {
+                if i > 0 {
+                    v.push(b'.');
+                }
+                v.extend((0..rng.usize(1..12)).map(|_| ATEXT[rng.usize(0..ATEXT.len())]));
+            }
+            v.truncate(64);
+            v
+        }
+    }
+
+    fn domain(rng: &mut fastrand::Rng) -> Vec<u8> {
+        if rng.u8(0..6) == 0 {
+            return format!("[{}.{}.{}.{}]", rng.u8(..), rng.u8(..), rng.u8(..), rng.u8(..)).into_bytes();
+        }
+        const LDH: &[u8] = b"abcdefghijklmnopqrstuvwxyzABC0123456789-";
+        let labels: Vec<Vec<u8>> = (0..rng.usize(1..5))
+            .map(|_| (0..rng.usize(1..10)).map(|_| LDH[rng.usize(0..LDH.len())]).collect())
+            .collect();
+        labels.join(&b'.')
+    }
+
+    /// (text inside the brackets, the address the parser must return, its domain)
+    fn path(rng: &mut fastrand::Rng) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let d = domain(rng);
+        let mut address = local_part(rng);
+        address.push(b'@');
+        address.extend_from_slice(&d);
+        let mut text = Vec::new();
+        if rng.u8(0..5) == 0 {
+            for i in 0..rng.usize(1..3) {
+                if i > 0 {
+                    text.push(b',');
+                }
+                text.push(b'@');
+                text.extend(domain(rng).into_iter().filter(|c| *c != b'[' && *c != b']'));
+            }
+            text.push(b':');
+        }
+        text.extend_from_slice(&address);
+        (text, address, d)
+    }
+
+    #[test]
+    fn generated_mail_and_rcpt_parse_to_their_parts() {
+        let mut rng = fastrand::Rng::with_seed(5321);
+        for _ in 0..CASES {
+            let (text, address, dom) = path(&mut rng);
+            let null_sender = rng.u8(0..8) == 0;
+            let size = rng.bool().then(|| rng.u64(..));
+            let body = [None, Some(false), Some(true)][rng.usize(0..3)];
+            let mut params: Vec<Vec<u8>> = Vec::new();
+            if let Some(n) = size {
+                params.push(random_case(&mut rng, format!("SIZE={n}").as_bytes()));
+            }
+            if let Some(eight) = body {
+                params.push(random_case(
+                    &mut rng,
+                    if eight { b"BODY=8BITMIME" } else { b"BODY=7BIT" },
+                ));
+            }
+            rng.shuffle(&mut params);
+            let mut line = random_case(&mut rng, b"MAIL");
+            line.push(b' '); // the verb ends at the first space; more blanks may follow
+            line.extend(blanks(&mut rng, 0));
+            line.extend(random_case(&mut rng, b"FROM:"));
+            line.extend(blanks(&mut rng, 0));
+            line.push(b'<');
+            if !null_sender {
+                line.extend_from_slice(&text);
+            }
+            line.push(b'>');
+            for p in &params {
+                line.extend(std::iter::repeat_n(b' ', rng.usize(1..3)));
+                line.extend_from_slice(p);
+            }
+            line.extend(blanks(&mut rng, 0));
+            let want_sender = (!null_sender).then_some(Mailbox {
+                address: &address,
+                domain: &dom,
+            });
+            let want = MailParams {
+                size,
+                eight_bit: body == Some(true),
+            };
+            assert_eq!(
+                parse_command(&line),
+                Ok(Command::Mail(want_sender, want)),
+                "{:?}",
+                String::from_utf8_lossy(&line)
+            );
+            check_command_line(&line);
+
+            let mut line = random_case(&mut rng, b"RCPT TO:");
+            line.extend(blanks(&mut rng, 0));
+            line.push(b'<');
+            line.extend_from_slice(&text);
+            line.push(b'>');
+            line.extend(blanks(&mut rng, 0));
+            let want = Mailbox {
+                address: &address,
+                domain: &dom,
+            };
+            assert_eq!(
+                parse_command(&line),
+                Ok(Command::Rcpt(want)),
+                "{:?}",
+                String::from_utf8_lossy(&line)
+            );
+            check_command_line(&line);
+
+            // A control octet or DEL anywhere in the path: refused.
+            let lt = line.iter().position(|&c| c == b'<').expect("bracket");
+            let at = lt + 1 + rng.usize(0..=text.len());
+            let mut bad = line.clone();
+            bad.insert(at, [0u8, 1, 9, 13, 27, 0x1f, 0x7f][rng.usize(0..7)]);
+            assert!(parse_command(&bad).is_err(), "{:?}", String::from_utf8_lossy(&bad));
+            check_command_line(&bad);
+            // Another '@' in the local part: the domain is what follows the last '@' (the
+            // session refuses such a local part for our domains).
+            let two = format!("RCPT TO:<u@evil.test@{}>", String::from_utf8_lossy(&dom));
+            let Ok(Command::Rcpt(m)) = parse_command(two.as_bytes()) else {
+                panic!("{two}")
+            };
+            assert_eq!(m.domain, &dom[..]);
+        }
+    }
+
+    #[test]
+    fn generated_simple_commands_parse_whatever_the_case_and_spacing() {
+        let mut rng = fastrand::Rng::with_seed(1985);
+        for _ in 0..CASES {
+            let (verb, cmd): (&[u8], Command<'static>) = [
+                (&b"DATA"[..], Command::Data),
+                (b"RSET", Command::Rset),
+                (b"QUIT", Command::Quit),
+                (b"NOOP", Command::Noop),
+                (b"STARTTLS", Command::StartTls),
+            ][rng.usize(0..5)]
+            .clone();
+            let mut line = random_case(&mut rng, verb);
+            if rng.bool() {
+                line.push(b' ');
+                line.extend(blanks(&mut rng, 0));
+            }
+            assert_eq!(parse_command(&line), Ok(cmd), "{:?}", String::from_utf8_lossy(&line));
+            // One argument word makes DATA/RSET/QUIT/STARTTLS a syntax error; NOOP takes it.
+            line.extend_from_slice(b" x");
+            let r = parse_command(&line);
+            if verb == b"NOOP" {
+                assert_eq!(r, Ok(Command::Noop));
+            } else {
+                assert_eq!(r, Err(ParseError::Syntax("no arguments allowed")));
+            }
+
+            let name = domain(&mut rng);
+            let verb: &[u8] = if rng.bool() { b"EHLO" } else { b"HELO" };
+            let mut line = random_case(&mut rng, verb);
+            line.push(b' ');
+            line.extend(blanks(&mut rng, 0));
+            line.extend_from_slice(&name);
+            line.extend(blanks(&mut rng, 0));
+            match parse_command(&line) {
+                Ok(Command::Ehlo(n)) | Ok(Command::Helo(n)) => assert_eq!(n, &name[..]),
+                other => panic!("{other:?} for {:?}", String::from_utf8_lossy(&line)),
+            }
+            let mut line = random_case(&mut rng, b"ETRN ");
+            let arg = [&b"@"[..], b"#", b""][rng.usize(0..3)]
+                .iter()
+                .copied()
+                .chain(name.iter().copied());
+            let arg: Vec<u8> = arg.collect();
+            line.extend_from_slice(&arg);
+            assert_eq!(parse_command(&line), Ok(Command::Etrn(&arg)));
+        }
+    }
+
+    #[test]
+    fn fast_parser_agrees_with_the_reference_on_random_lines() {
+        let mut rng = fastrand::Rng::with_seed(2920);
+        const ALPHABET: &[u8] = b"MAILFROM:RCPTO<>@\"\\ \t.,=SIZEBODY8bit0123456789[]\x00\x7f\xff";
+        for _ in 0..CASES {
+            let prefix: &[u8] =
+                [&b"MAIL FROM:"[..], b"RCPT TO:", b"EHLO ", b"AUTH ", b"mail from:<", b""][rng.usize(0..6)];
+            let mut line = prefix.to_vec();
+            line.extend((0..rng.usize(0..30)).map(|_| ALPHABET[rng.usize(0..ALPHABET.len())]));
+            assert_eq!(
+                parse_command(&line),
+                reference_parse(&line),
+                "{:?}",
+                String::from_utf8_lossy(&line)
+            );
+            check_command_line(&line);
+        }
     }
 }

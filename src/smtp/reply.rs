@@ -50,8 +50,16 @@ impl Reply {
                 out.extend_from_slice(self.enhanced.as_bytes());
                 out.push(b' ');
             }
-            // Never let a CR or LF inside the text break the framing.
-            out.extend(line.bytes().filter(|b| *b != b'\r'));
+            // Never let a CR or LF inside the text break the framing, and never echo a
+            // client's control or 8-bit octets (an EHLO name with NUL or ESC, say): RFC 5321
+            // reply text is HT and printable ASCII.
+            for c in line.chars() {
+                match c {
+                    '\r' => {}
+                    '\t' | ' '..='~' => out.push(c as u8),
+                    _ => out.push(b'?'),
+                }
+            }
             out.extend_from_slice(b"\r\n");
         }
     }
@@ -107,5 +115,7 @@ mod tests {
         assert_eq!(r.to_bytes(), b"250-relay.test\r\n250-PIPELINING\r\n250 ETRN\r\n");
         let r = Reply::owned(550, "5.7.1", "bad\rtext".into());
         assert_eq!(r.to_bytes(), b"550 5.7.1 badtext\r\n");
+        let r = Reply::owned(250, "", "Hello a\0b\u{1b}[31mc\u{7f}\u{e9}\u{fffd}\td".into());
+        assert_eq!(r.to_bytes(), b"250 Hello a?b?[31mc???\td\r\n");
     }
 }

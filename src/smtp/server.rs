@@ -218,6 +218,11 @@ pub struct Connection {
 const INITIAL_BUFFER: usize = 4096;
 /// Largest read buffer (DATA streaming).
 const MAX_BUFFER: usize = 256 * 1024;
+/// Replies pending beyond this are written before more commands are parsed. A batch of
+/// commands normally gets its replies in one write, but 256 KiB of empty lines or bare LFs
+/// would otherwise pile up 5-20 MiB of 500 replies per connection behind a client that does
+/// not read them.
+const MAX_PENDING_REPLIES: usize = 64 * 1024;
 
 impl Drop for Connection {
     fn drop(&mut self) {
@@ -279,8 +284,19 @@ impl Connection {
             let grown = (self.buf.len() * 2).min(MAX_BUFFER.max(self.ctx.cfg.smtp.max_command_line * 2));
             self.buf.resize(grown, 0);
         }
-        self.watch.extend(self.ctx.cfg.smtp.timeout);
-        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        // A command must arrive whole within the timeout: the deadline moves on each read only
+        // while no partial command is buffered (or during DATA, which may be long). A client
+        // trickling a command byte by byte cannot hold its connection past the timeout.
+        if self.start == self.end || self.watch.in_data.get() {
+            self.watch.extend(self.ctx.cfg.smtp.timeout);
+        }
+        let n = match self.stream.read(&mut self.buf[self.end..]).await {
+            Ok(n) => n,
+            // Inside TLS the sweeper's shutdown shows up as an error (EOF without a TLS
+            // close_notify), not as 0: it is still a timeout (or a shutdown), answered with 421.
+            Err(_) if self.watch.timed_out() => 0,
+            Err(e) => return Err(e),
+        };
         if n == 0 && self.watch.timed_out() {
             return Err(std::io::ErrorKind::TimedOut.into());
         }
@@ -331,6 +347,9 @@ impl Connection {
         self.session.greeting().encode_into(&mut self.out);
         self.flush().await?;
         loop {
+            if self.out.len() >= MAX_PENDING_REPLIES {
+                self.flush().await?;
+            }
             match self.next_line() {
                 NextLine::Line {
                     start,
@@ -358,14 +377,16 @@ impl Connection {
                     if let Flow::Abort = flow {
                         return Ok(());
                     }
-                    if self.ctx.draining.get() {
-                        common::SHUTDOWN.encode_into(&mut self.out);
-                        self.flush().await?;
-                        return Ok(());
-                    }
                     if let Flow::Close = flow {
                         // Dropping the stream closes it; an explicit shutdown would cost a
                         // syscall that fails anyway when the client closed first after QUIT.
+                        // (Checked before draining: the closing reply, a 221 or a timeout's
+                        // 421, is the last one; no second 421 after it.)
+                        self.flush().await?;
+                        return Ok(());
+                    }
+                    if self.ctx.draining.get() {
+                        common::SHUTDOWN.encode_into(&mut self.out);
                         self.flush().await?;
                         return Ok(());
                     }
@@ -595,6 +616,12 @@ impl Connection {
             }
         };
         self.watch.in_data.set(false);
+        if self.start == self.end && self.buf.len() > INITIAL_BUFFER {
+            // The buffer grew for a big DATA: give the memory back while the client idles.
+            self.buf = vec![0; INITIAL_BUFFER];
+            self.start = 0;
+            self.end = 0;
+        }
         let release = |ctx: &ShardCtx| ctx.inflight_bytes.set(ctx.inflight_bytes.get() - held);
         self.session.take_transaction();
         match result {

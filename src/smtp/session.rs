@@ -192,6 +192,14 @@ impl Session {
                 }
                 let domain = String::from_utf8_lossy(mb.domain);
                 match self.cfg.node_index_for_domain(&domain) {
+                    // `user@evil.test@node.test`: an unquoted local part with an '@' in it is
+                    // not RFC 5321 syntax, and a lax server behind the node could read the
+                    // other domain in it and relay there. Not taken for our nodes.
+                    Some(_) if unquoted_at(mb.address, mb.domain) => Action::Reply(Reply::new(
+                        553,
+                        "5.1.3",
+                        "Bad recipient address syntax: '@' in an unquoted local part",
+                    )),
                     Some(i) => {
                         txn.rcpts.push((mb.address.to_vec(), NodeIdx(i as u32)));
                         Action::Reply(Reply::new(250, "2.1.5", "Recipient ok"))
@@ -247,6 +255,12 @@ impl Session {
     }
 }
 
+/// Whether the local part of `address` (everything before `@domain`) is unquoted and has an `@`.
+fn unquoted_at(address: &[u8], domain: &[u8]) -> bool {
+    let local = &address[..address.len() - domain.len() - 1];
+    local.first() != Some(&b'"') && memchr::memchr(b'@', local).is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +293,9 @@ mod tests {
         assert_eq!(code(s.handle(b"DATA")), 554);
         assert_eq!(code(s.handle(b"RCPT TO:<x@elsewhere.test>")), 550);
         assert_eq!(code(s.handle(b"RCPT TO:<x@sub.node1.test>")), 550);
+        assert_eq!(code(s.handle(b"RCPT TO:<x@evil.test@node1.test>")), 553);
+        assert_eq!(code(s.handle(b"RCPT TO:<@a.test:x@evil.test@node1.test>")), 553);
+        assert_eq!(code(s.handle(b"RCPT TO:<x@node1.test@evil.test>")), 550);
         assert_eq!(code(s.handle(b"RCPT TO:<x@NODE1.test>")), 250);
         assert_eq!(code(s.handle(b"RCPT TO:<x@a.node2.test>")), 250);
         assert_eq!(code(s.handle(b"RCPT TO:<y@node1.test>")), 452);

@@ -978,3 +978,764 @@ impl Sink {
         self.complete_messages().len()
     }
 }
+
+// ---- additions for the fault and outbound-TLS tests (tests/downstream_faults.rs,
+// tests/tls_outbound.rs, tests/crash_loop.rs) ---------------------------------------------------
+
+/// Where a [`FaultServer`] stops answering. It keeps the connection open and reads (and
+/// discards) whatever comes until the client gives up and closes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// Accepts the TCP connection but never sends the 220 greeting.
+    Greeting,
+    /// Never answers the EHLO.
+    Ehlo,
+    /// Never answers MAIL FROM.
+    Mail,
+    /// Reads the whole message and the final dot, then never answers.
+    DataEnd,
+}
+
+/// What a [`FaultServer`] does with STARTTLS (RFC 3207).
+#[derive(Clone)]
+pub enum StartTls {
+    /// Not offered (EHLO has no STARTTLS; the command gets 502).
+    Off,
+    /// Offered: `220`, then a real rustls handshake with this configuration.
+    On(std::sync::Arc<rustls::ServerConfig>),
+    /// Offered: `220` followed, in the same write, by these plaintext bytes (a response
+    /// injection: a client must discard them), then a real handshake.
+    Inject(std::sync::Arc<rustls::ServerConfig>, Vec<u8>),
+    /// Offered: `220`, then plaintext garbage instead of a TLS handshake, then close.
+    Garbage,
+    /// Offered, but the command is refused with this reply (e.g. `454 4.7.0 TLS not available`).
+    Refuse(String),
+}
+
+/// How a [`FaultServer`] behaves; cloned for every new connection, so [`FaultServer::set`]
+/// changes the behaviour of the next connection.
+#[derive(Clone)]
+pub struct FaultScript {
+    /// The greeting line (e.g. `421 4.3.2 busy` to refuse the session).
+    pub greeting: String,
+    /// EHLO keywords besides STARTTLS (default PIPELINING, 8BITMIME, SIZE 10000000).
+    pub ehlo_keywords: Vec<String>,
+    pub starttls: StartTls,
+    /// Reply to MAIL FROM (default `250 2.1.0 Ok`).
+    pub mail_reply: String,
+    /// Reply to every RCPT TO after an accepted MAIL (default `250 2.1.5 Ok`).
+    pub rcpt_reply: String,
+    /// Reply after the final dot (default `250 2.0.0 Ok`).
+    pub data_end_reply: String,
+    /// Sleep before every reply, the greeting included (a slow server).
+    pub reply_delay: Duration,
+    /// Close the connection (shutdown both ways) once this many octets of DATA have arrived.
+    pub drop_in_data_after: Option<usize>,
+    pub stall: Option<Stall>,
+}
+
+impl Default for FaultScript {
+    fn default() -> Self {
+        FaultScript {
+            greeting: "220 fault.test ESMTP".into(),
+            ehlo_keywords: vec!["PIPELINING".into(), "8BITMIME".into(), "SIZE 10000000".into()],
+            starttls: StartTls::Off,
+            mail_reply: "250 2.1.0 Ok".into(),
+            rcpt_reply: "250 2.1.5 Ok".into(),
+            data_end_reply: "250 2.0.0 Ok".into(),
+            reply_delay: Duration::ZERO,
+            drop_in_data_after: None,
+            stall: None,
+        }
+    }
+}
+
+/// One transaction a [`FaultServer`] accepted (2xx after the final dot).
+#[derive(Debug, Clone)]
+pub struct FaultTxn {
+    /// The MAIL command's arguments (after `MAIL FROM:`).
+    pub mail: String,
+    /// Accepted RCPT addresses.
+    pub rcpts: Vec<String>,
+    /// DATA as it crossed the wire (still dot-stuffed), without the final `.\r\n`.
+    pub raw_data: Vec<u8>,
+    /// The transaction ran inside TLS.
+    pub tls: bool,
+    /// The TLS session's negotiated protocol version, if any (e.g. `TLSv1_3`).
+    pub tls_version: Option<String>,
+    /// When the final dot was read (just before the 2xx reply was sent).
+    pub at: Instant,
+}
+
+/// A scripted SMTP server for fault tests (std::net, a thread per connection): slow replies,
+/// stalls, dropped connections, refusals at any stage, and STARTTLS (real, refused, garbage,
+/// with injected plaintext). It records accepted transactions and an event log
+/// (`connect`, `stall <stage>`, `closed by client after stall`, `dropped in data`,
+/// `tls ok`, `tls failed: ...`, `plaintext pipelined after STARTTLS`,
+/// `mail without EHLO after TLS`, `starttls`, `garbage sent`). Stops accepting on drop.
+pub struct FaultServer {
+    pub addr: SocketAddr,
+    script: std::sync::Arc<std::sync::Mutex<FaultScript>>,
+    txns: std::sync::Arc<std::sync::Mutex<Vec<FaultTxn>>>,
+    events: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultServer {
+    /// Listens on `ip:port` (retrying the bind for a few seconds, so a test can take over the
+    /// address of a server it just stopped).
+    pub fn start(ip: &str, port: u16, script: FaultScript) -> FaultServer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind((ip, port)) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() > deadline => panic!("bind {ip}:{port}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        let addr = listener.local_addr().unwrap();
+        let server = FaultServer {
+            addr,
+            script: Arc::new(Mutex::new(script)),
+            txns: Arc::new(Mutex::new(Vec::new())),
+            events: Arc::new(Mutex::new(Vec::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (script, txns, events, stop) = (
+            server.script.clone(),
+            server.txns.clone(),
+            server.events.clone(),
+            server.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let s = script.lock().unwrap().clone();
+                let (t, e) = (txns.clone(), events.clone());
+                e.lock().unwrap().push("connect".into());
+                std::thread::spawn(move || {
+                    if let Err(err) = serve_fault(conn, &s, &t, &e) {
+                        e.lock().unwrap().push(format!("io error: {err}"));
+                    }
+                });
+            }
+        });
+        server
+    }
+
+    /// Changes the behaviour for connections accepted from now on.
+    pub fn set(&self, script: FaultScript) {
+        *self.script.lock().unwrap() = script;
+    }
+
+    pub fn txns(&self) -> Vec<FaultTxn> {
+        self.txns.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.txns.lock().unwrap().len()
+    }
+
+    pub fn events(&self) -> Vec<String> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Number of events that start with `prefix`.
+    pub fn events_with(&self, prefix: &str) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.starts_with(prefix))
+            .count()
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr); // wake the accept loop so the listener closes
+    }
+}
+
+/// A [`FaultServer`] connection: plaintext, or TLS after STARTTLS.
+enum FaultIo {
+    Plain(BufReader<TcpStream>),
+    Tls(Box<BufReader<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>>),
+}
+
+impl FaultIo {
+    fn read_line(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+        match self {
+            FaultIo::Plain(r) => r.read_until(b'\n', buf),
+            FaultIo::Tls(r) => r.read_until(b'\n', buf),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            FaultIo::Plain(r) => r.get_mut().write_all(bytes),
+            FaultIo::Tls(r) => {
+                let s = r.get_mut();
+                s.write_all(bytes)?;
+                s.flush()
+            }
+        }
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            FaultIo::Plain(r) => r.get_ref(),
+            FaultIo::Tls(r) => &r.get_ref().sock,
+        }
+    }
+
+    fn tls_version(&self) -> Option<String> {
+        match self {
+            FaultIo::Plain(_) => None,
+            FaultIo::Tls(r) => r.get_ref().conn.protocol_version().map(|v| format!("{v:?}")),
+        }
+    }
+}
+
+fn serve_fault(
+    conn: TcpStream,
+    script: &FaultScript,
+    txns: &std::sync::Mutex<Vec<FaultTxn>>,
+    events: &std::sync::Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    let event = |e: String| events.lock().unwrap().push(e);
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // Replies go out one write each: without this, Nagle holds the second reply to a pipelined
+    // batch until the client's delayed ACK (40 ms a transaction).
+    conn.set_nodelay(true)?;
+    let mut io = FaultIo::Plain(BufReader::new(conn));
+    // Stalled: read and discard until the client closes (or 30 s pass).
+    let stall = |io: &mut FaultIo, stage: Stall| -> std::io::Result<()> {
+        event(format!("stall {stage:?}"));
+        let t0 = Instant::now();
+        let mut sink = Vec::new();
+        loop {
+            sink.clear();
+            match io.read_line(&mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        event(format!(
+            "closed by client after stall ({} ms)",
+            t0.elapsed().as_millis()
+        ));
+        Ok(())
+    };
+    let reply = |io: &mut FaultIo, text: &str| -> std::io::Result<()> {
+        std::thread::sleep(script.reply_delay);
+        io.write(format!("{text}\r\n").as_bytes())
+    };
+    if script.stall == Some(Stall::Greeting) {
+        return stall(&mut io, Stall::Greeting);
+    }
+    reply(&mut io, &script.greeting)?;
+    let mut tls = false;
+    let mut ehlo_seen = false;
+    let mut mail: Option<String> = None;
+    let mut rcpts: Vec<String> = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        if io.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+        let upper = text.to_ascii_uppercase();
+        if upper.starts_with("EHLO") {
+            if script.stall == Some(Stall::Ehlo) {
+                return stall(&mut io, Stall::Ehlo);
+            }
+            ehlo_seen = true;
+            let mut keywords = script.ehlo_keywords.clone();
+            if !tls && !matches!(script.starttls, StartTls::Off) {
+                keywords.push("STARTTLS".into());
+            }
+            let mut r = String::from("250");
+            r.push(if keywords.is_empty() { ' ' } else { '-' });
+            r.push_str("fault.test");
+            for (i, k) in keywords.iter().enumerate() {
+                let sep = if i + 1 == keywords.len() { ' ' } else { '-' };
+                r.push_str(&format!("\r\n250{sep}{k}"));
+            }
+            reply(&mut io, &r)?;
+        } else if upper.starts_with("HELO") {
+            ehlo_seen = true;
+            reply(&mut io, "250 fault.test")?;
+        } else if upper == "STARTTLS" {
+            event("starttls".into());
+            let cfg = match (&script.starttls, tls) {
+                (StartTls::Off, _) | (_, true) => {
+                    reply(&mut io, "502 5.5.1 Not offered")?;
+                    continue;
+                }
+                (StartTls::Refuse(r), _) => {
+                    reply(&mut io, r)?;
+                    continue;
+                }
+                (StartTls::Garbage, _) => {
+                    reply(&mut io, "220 2.0.0 Ready to start TLS")?;
+                    // Take the ClientHello, answer it with something that is not TLS, and
+                    // give the client time to read that before the connection goes.
+                    let mut hello = [0u8; 4096];
+                    let _ = io.tcp().set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = (&mut io.tcp()).read(&mut hello);
+                    io.write(b"this is not a TLS handshake\r\n")?;
+                    event("garbage sent".into());
+                    std::thread::sleep(Duration::from_millis(300));
+                    let _ = io.tcp().shutdown(std::net::Shutdown::Both);
+                    return Ok(());
+                }
+                (StartTls::On(c), _) => {
+                    reply(&mut io, "220 2.0.0 Ready to start TLS")?;
+                    c.clone()
+                }
+                (StartTls::Inject(c, bytes), _) => {
+                    let mut w = b"220 2.0.0 Ready to start TLS\r\n".to_vec();
+                    w.extend_from_slice(bytes);
+                    std::thread::sleep(script.reply_delay);
+                    io.write(&w)?;
+                    c.clone()
+                }
+            };
+            let FaultIo::Plain(reader) = io else { unreachable!() };
+            if !reader.buffer().is_empty() {
+                event("plaintext pipelined after STARTTLS".into());
+            }
+            let mut sock = reader.into_inner();
+            let mut conn = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
+            while conn.is_handshaking() {
+                if let Err(e) = conn.complete_io(&mut sock) {
+                    event(format!("tls failed: {e}"));
+                    return Ok(());
+                }
+            }
+            event("tls ok".into());
+            io = FaultIo::Tls(Box::new(BufReader::new(rustls::StreamOwned::new(conn, sock))));
+            tls = true;
+            // RFC 3207 4.2: the client must forget everything and start with EHLO again.
+            ehlo_seen = false;
+            mail = None;
+            rcpts.clear();
+        } else if upper.starts_with("MAIL FROM:") {
+            if script.stall == Some(Stall::Mail) {
+                return stall(&mut io, Stall::Mail);
+            }
+            if !ehlo_seen {
+                if tls {
+                    event("mail without EHLO after TLS".into());
+                }
+                reply(&mut io, "503 5.5.1 Send EHLO first")?;
+                continue;
+            }
+            rcpts.clear();
+            if script.mail_reply.starts_with('2') {
+                mail = Some(text["MAIL FROM:".len()..].to_owned());
+            }
+            reply(&mut io, &script.mail_reply)?;
+        } else if upper.starts_with("RCPT TO:") {
+            if mail.is_none() {
+                reply(&mut io, "503 5.5.1 Need MAIL first")?;
+                continue;
+            }
+            if script.rcpt_reply.starts_with('2') {
+                rcpts.push(text["RCPT TO:".len()..].trim_matches(['<', '>']).to_owned());
+            }
+            reply(&mut io, &script.rcpt_reply)?;
+        } else if upper == "DATA" {
+            if mail.is_none() || rcpts.is_empty() {
+                reply(&mut io, "554 5.5.1 No valid recipients")?;
+                continue;
+            }
+            reply(&mut io, "354 End data with <CR><LF>.<CR><LF>")?;
+            let mut raw = Vec::new();
+            loop {
+                let mut l = Vec::new();
+                if io.read_line(&mut l)? == 0 {
+                    event("client closed in data".into());
+                    return Ok(());
+                }
+                if l == b".\r\n" {
+                    break;
+                }
+                raw.extend_from_slice(&l);
+                if script.drop_in_data_after.is_some_and(|n| raw.len() >= n) {
+                    event(format!("dropped in data after {} octets", raw.len()));
+                    let _ = io.tcp().shutdown(std::net::Shutdown::Both);
+                    return Ok(());
+                }
+            }
+            if script.stall == Some(Stall::DataEnd) {
+                return stall(&mut io, Stall::DataEnd);
+            }
+            if script.data_end_reply.starts_with('2') {
+                txns.lock().unwrap().push(FaultTxn {
+                    mail: mail.take().unwrap_or_default(),
+                    rcpts: std::mem::take(&mut rcpts),
+                    raw_data: raw,
+                    tls,
+                    tls_version: io.tls_version(),
+                    at: Instant::now(),
+                });
+            }
+            mail = None;
+            rcpts.clear();
+            reply(&mut io, &script.data_end_reply)?;
+        } else if upper == "RSET" {
+            mail = None;
+            rcpts.clear();
+            reply(&mut io, "250 2.0.0 Ok")?;
+        } else if upper == "NOOP" {
+            reply(&mut io, "250 2.0.0 Ok")?;
+        } else if upper == "QUIT" {
+            reply(&mut io, "221 2.0.0 Bye")?;
+            return Ok(());
+        } else {
+            reply(&mut io, "502 5.5.2 Command not implemented")?;
+        }
+    }
+}
+
+/// A rustls server configuration with a self-signed certificate made now by rcgen for
+/// `names`; with `expired`, valid only in the year 2000 (a client that verified it would fail).
+pub fn test_tls_server_config(names: &[&str], expired: bool) -> std::sync::Arc<rustls::ServerConfig> {
+    let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2000, 12, 31);
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let key_der =
+        rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let cfg =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key_der)
+            .unwrap();
+    std::sync::Arc::new(cfg)
+}
+
+/// `EHLO` + `ETRN <arg>` on a fresh connection: the reply and how long the ETRN command took
+/// (from sending it to the complete reply).
+pub fn timed_etrn(relay: &Relay, arg: &str) -> (String, Duration) {
+    let mut c = relay.client();
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let t0 = Instant::now();
+    let r = c.cmd(&format!("ETRN {arg}"));
+    let took = t0.elapsed();
+    c.cmd("QUIT");
+    (r, took)
+}
+
+/// Waits until the log has `n` lines with `queue run finished` for `node`; panics with the log.
+pub fn wait_run_finished(relay: &Relay, node: &str, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if relay.log_lines_with(&["queue run finished", &format!("node={node}")]) >= n {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "queue run {n} of {node} did not finish within {within:?}; log:\n{}",
+        relay.log()
+    );
+}
+
+// ---- additions for the hardening tests (tests/hardening_input.rs, starttls.rs, shutdown.rs) ---
+
+impl SmtpClient {
+    /// The plain socket, for a TLS upgrade after `220` to STARTTLS. Panics if the reader had
+    /// already buffered bytes past the last reply (they would be lost).
+    pub fn into_stream(self) -> TcpStream {
+        assert!(
+            self.reader.buffer().is_empty(),
+            "bytes buffered beyond the last reply: {:?}",
+            String::from_utf8_lossy(self.reader.buffer())
+        );
+        self.stream
+    }
+
+    /// Bytes read from the socket but not yet returned as a reply.
+    pub fn buffered(&self) -> &[u8] {
+        self.reader.buffer()
+    }
+
+    /// Reads `n` replies.
+    pub fn read_replies(&mut self, n: usize) -> Vec<String> {
+        (0..n).map(|_| self.read_reply()).collect()
+    }
+}
+
+impl Relay {
+    /// The relay's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("relay running").id()
+    }
+
+    /// Sends a signal without waiting for anything.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: plain kill(2) on our own child.
+        let rc = unsafe { libc::kill(self.pid() as i32, sig) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits for the process to exit and returns its status; panics after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let c = self.child.as_mut().expect("relay running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                self.child = None;
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!("relay did not exit within {within:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A `/proc/<pid>/status` field in KiB (e.g. `VmRSS`, `VmHWM`).
+    pub fn proc_status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"))
+    }
+
+    /// Open file descriptors of the relay process.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+/// Raises this process's RLIMIT_NOFILE soft limit to at least `want` (up to the hard limit);
+/// processes started afterwards (the relay) inherit it. Returns the new soft limit.
+pub fn raise_nofile_limit(want: u64) -> u64 {
+    // SAFETY: getrlimit/setrlimit on a zeroed struct of the right type.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
+        if r.rlim_cur < want {
+            r.rlim_cur = want.min(r.rlim_max);
+            assert_eq!(
+                libc::setrlimit(libc::RLIMIT_NOFILE, &r),
+                0,
+                "setrlimit: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        r.rlim_cur
+    }
+}
+
+/// Like [`connect_from`], but an error instead of a panic (for a peer that may be down).
+pub fn try_connect_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(dst) = dst else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a fresh socket owned by the TcpStream at once; sockaddr_in of the size passed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let local = sin(src, 0);
+        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin(*dst.ip(), dst.port());
+        if libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+impl SmtpClient {
+    /// Reads one (possibly multi-line) reply as raw bytes, CRLFs included (for replies that
+    /// might not be UTF-8). Empty on EOF.
+    pub fn read_reply_bytes(&mut self) -> Vec<u8> {
+        let mut all = Vec::new();
+        loop {
+            let start = all.len();
+            match self.reader.read_until(b'\n', &mut all) {
+                Ok(0) | Err(_) => return all,
+                Ok(_) => {}
+            }
+            if all.get(start + 3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+}
+
+/// A self-signed certificate for `relay.test` written to `dir` as `cert.pem`/`key.pem`;
+/// returns the `[tls]` section that configures it and the certificate (DER) for clients.
+pub fn test_certificate(dir: &Path) -> (String, Vec<u8>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["relay.test".into()]).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    (
+        format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()),
+        ck.cert.der().to_vec(),
+    )
+}
+
+/// A rustls client configuration that trusts exactly `cert_der`.
+pub fn tls_client_config(cert_der: &[u8]) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
+        .unwrap();
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    std::sync::Arc::new(cfg)
+}
+
+/// An SMTP client inside TLS (after STARTTLS), blocking, over std sockets.
+pub struct TlsSmtpClient {
+    reader: BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
+}
+
+impl TlsSmtpClient {
+    /// Runs the TLS handshake as `relay.test` on a socket whose STARTTLS got `220`.
+    pub fn handshake(stream: TcpStream, cert_der: &[u8]) -> std::io::Result<TlsSmtpClient> {
+        let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+        let conn = rustls::ClientConnection::new(tls_client_config(cert_der), name).map_err(std::io::Error::other)?;
+        let mut tls = rustls::StreamOwned::new(conn, stream);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock)?;
+        }
+        Ok(TlsSmtpClient {
+            reader: BufReader::new(tls),
+        })
+    }
+
+    /// The TLS connection (protocol version, cipher suite...).
+    pub fn connection(&self) -> &rustls::ClientConnection {
+        &self.reader.get_ref().conn
+    }
+
+    pub fn set_read_timeout(&self, d: Duration) {
+        self.reader.get_ref().sock.set_read_timeout(Some(d)).unwrap();
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        let s = self.reader.get_mut();
+        s.write_all(bytes).unwrap();
+        s.flush().unwrap();
+    }
+
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.read_reply()
+    }
+
+    /// One (possibly multi-line) reply, lines joined with '\n'; empty on EOF or error.
+    pub fn read_reply(&mut self) -> String {
+        let mut all = Vec::new();
+        loop {
+            let mut l = String::new();
+            match self.reader.read_line(&mut l) {
+                Ok(0) | Err(_) => return all.join("\n"),
+                Ok(_) => {}
+            }
+            let line = l.trim_end_matches(['\r', '\n']).to_owned();
+            let more = line.as_bytes().get(3) == Some(&b'-');
+            all.push(line);
+            if !more {
+                return all.join("\n");
+            }
+        }
+    }
+
+    /// Reads until the server ends the connection (close_notify, EOF or reset) and returns
+    /// what came and how long it took; panics after `within`.
+    pub fn read_until_closed(&mut self, within: Duration) -> (String, Duration) {
+        let t0 = Instant::now();
+        self.set_read_timeout(within);
+        let mut s = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => s.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => panic!(
+                    "server did not close the TLS connection within {within:?} ({e}); got {:?}",
+                    String::from_utf8_lossy(&s)
+                ),
+            }
+        }
+        (String::from_utf8_lossy(&s).into_owned(), t0.elapsed())
+    }
+
+    /// EHLO, MAIL, RCPTs, DATA with `body` (dot-stuffed here); returns the final reply.
+    pub fn send_mail(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> String {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert!(r.starts_with("250"), "MAIL: {r}");
+        for t in rcpts {
+            let r = self.cmd(&format!("RCPT TO:<{t}>"));
+            assert!(r.starts_with("250"), "RCPT {t}: {r}");
+        }
+        let r = self.cmd("DATA");
+        assert!(r.starts_with("354"), "DATA: {r}");
+        self.send(&dot_stuff(body));
+        self.send(b".\r\n");
+        self.read_reply()
+    }
+}
+
+impl SmtpClient {
+    /// EHLO, STARTTLS (expects 220) and the TLS handshake.
+    pub fn starttls(mut self, cert_der: &[u8]) -> TlsSmtpClient {
+        let r = self.cmd("EHLO client.test");
+        assert!(r.contains("STARTTLS"), "STARTTLS not offered: {r}");
+        let r = self.cmd("STARTTLS");
+        assert_eq!(r, "220 2.0.0 Ready to start TLS");
+        TlsSmtpClient::handshake(self.into_stream(), cert_der).expect("TLS handshake")
+    }
+}
