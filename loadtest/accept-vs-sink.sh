@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}; ROUNDS=${2:-3}
-BIN=target/release/etrn-relay
+BIN=${BIN:-target/release/etrn-relay}
 [ -x "$BIN" ] || cargo build --release
 command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || { echo "apt-get install postfix"; exit 1; }
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$W"' EXIT
