@@ -21,7 +21,7 @@ pub fn print_queue(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
         )?;
         return Ok(());
     }
-    let scan = crate::spool::scan(&seg_dir)?;
+    let scan = crate::spool::scan(&seg_dir, &crate::runtime::node_classifier(cfg))?;
     let now = crate::spool::unix_now();
     // node -> (messages, bytes, oldest arrival)
     let mut rows: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
@@ -29,11 +29,15 @@ pub fn print_queue(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
         let mut nodes: Vec<String> = m
             .pending
             .iter()
-            .map(|(_, r)| {
+            .map(|(_, class)| cfg.nodes[*class as usize].name.to_string())
+            .chain(m.unclassified.iter().map(|(_, r)| {
                 let d = r.rsplit_once('@').map_or("", |(_, d)| d);
-                cfg.node_for_domain(d)
-                    .map_or_else(|| format!("(unconfigured: {d})"), |n| n.name.to_string())
-            })
+                if m.null_sender {
+                    format!("(bounces to {d})")
+                } else {
+                    format!("(unconfigured: {d})")
+                }
+            }))
             .collect();
         nodes.sort();
         nodes.dedup();

@@ -201,6 +201,9 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
     /// Certificate and key for inbound STARTTLS (None: STARTTLS not offered).
     pub tls: Option<TlsFiles>,
+    /// Node index by name: RCPT checks, recovery and the queue listing look domains up here,
+    /// so their cost does not grow with the number of nodes.
+    node_by_name: std::collections::HashMap<String, usize>,
 }
 
 /// PEM files for the server side of STARTTLS.
@@ -503,6 +506,11 @@ impl Config {
                 require_tls: n.require_tls,
             });
         }
+        let node_by_name = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str().to_owned(), i))
+            .collect();
         Ok(Config {
             hostname: hostname.trim_end_matches('.').to_ascii_lowercase(),
             spool_dir: raw.spool_dir.unwrap_or_else(|| PathBuf::from("./spool")),
@@ -513,6 +521,7 @@ impl Config {
             dns,
             delivery,
             nodes,
+            node_by_name,
             tls: raw.tls.map(|t| TlsFiles {
                 cert: t.cert,
                 key: t.key,
@@ -529,20 +538,31 @@ impl Config {
     /// Like [`Config::node_for_domain`], as an index into `nodes`.
     pub fn node_index_for_domain(&self, domain: &str) -> Option<usize> {
         let d = domain.trim_end_matches('.');
-        let mut best: Option<usize> = None;
-        for (i, n) in self.nodes.iter().enumerate() {
-            let name = n.name.as_str();
-            let hit = d.eq_ignore_ascii_case(name)
-                || (n.subdomains
-                    && d.len() > name.len() + 1
-                    && d.as_bytes()[d.len() - name.len() - 1] == b'.'
-                    && d.is_char_boundary(d.len() - name.len())
-                    && d[d.len() - name.len()..].eq_ignore_ascii_case(name));
-            if hit && best.is_none_or(|b| self.nodes[b].name.as_str().len() < name.len()) {
-                best = Some(i);
-            }
+        if d.len() > 255 {
+            return None;
         }
-        best
+        // Lower-case without allocating (domain names are at most 255 octets).
+        let mut buf = [0u8; 255];
+        let lower = &mut buf[..d.len()];
+        lower.copy_from_slice(d.as_bytes());
+        lower.make_ascii_lowercase();
+        let Ok(lower) = std::str::from_utf8(lower) else {
+            return None;
+        };
+        if let Some(&i) = self.node_by_name.get(lower) {
+            return Some(i);
+        }
+        // The closest parent that takes subdomains: walk the suffixes, longest first.
+        let mut rest = lower;
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(&i) = self.node_by_name.get(parent) {
+                if self.nodes[i].subdomains {
+                    return Some(i);
+                }
+            }
+            rest = parent;
+        }
+        None
     }
 }
 

@@ -18,6 +18,7 @@
 //! - [`auth`]: SASL PLAIN/LOGIN/CRAM-MD5 and failure lock-out.
 //! - [`etrn`]: ETRN argument forms, protected-queue access rules, routing to the owning shard.
 //! - [`queue_run`]: a node's queue streamed to its server over parallel connections.
+//! - [`outbound`]: bounces to senders outside every node, delivered to their MX with retries.
 //! - [`delivery`]: outbound SMTP client used by queue runs.
 //! - [`tls`]: rustls configurations and the plaintext-or-TLS stream used for STARTTLS.
 //! - [`dsn`]: RFC 3464 delivery status notifications (bounces).
@@ -41,6 +42,7 @@ pub mod delivery;
 pub mod dns;
 pub mod dsn;
 pub mod etrn;
+pub mod outbound;
 pub mod queue;
 pub mod queue_run;
 pub mod runtime;

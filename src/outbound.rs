@@ -64,8 +64,9 @@ pub fn enqueue(ctx: &ShardCtx, entry: QueueEntry, domain: String) {
 
 /// Starts the shard's retry loop.
 pub fn start(ctx: &Rc<ShardCtx>) {
-    let ctx = ctx.clone();
-    glommio::spawn_local(async move {
+    let c = ctx.clone();
+    ctx.spawn_bulk(async move {
+        let ctx = c;
         loop {
             glommio::timer::sleep(TICK).await;
             let now = unix_now();
@@ -94,8 +95,7 @@ pub fn start(ctx: &Rc<ShardCtx>) {
                 }
             }
         }
-    })
-    .detach();
+    });
 }
 
 enum Attempt {
@@ -136,13 +136,7 @@ async fn attempt(ctx: &Rc<ShardCtx>, p: &Pending) -> Attempt {
             return Attempt::Done;
         }
     };
-    let rcpts: Vec<String> = p
-        .entry
-        .rcpts
-        .iter()
-        .filter_map(|i| view.recipients.get(*i as usize))
-        .map(|r| String::from_utf8_lossy(r).into_owned())
-        .collect();
+    let rcpts = crate::queue_run::recipients_of(&view, &p.entry.rcpts);
     let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
     let msg = OutboundMessage {
         sender: "",

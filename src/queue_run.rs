@@ -79,8 +79,8 @@ pub fn start_or_join(ctx: &Rc<ShardCtx>, node: NodeIdx, dynamic_ip: Option<IpAdd
         closed: Cell::new(false),
     });
     ctx.runs.active.borrow_mut().insert(node, run.clone());
-    let ctx = ctx.clone();
-    glommio::spawn_local(async move { begin(ctx, run).await }).detach();
+    let c = ctx.clone();
+    ctx.spawn_bulk(async move { begin(c, run).await });
 }
 
 /// New mail for a node with a run going: give the run a worker if it has room.
@@ -125,8 +125,8 @@ fn add_workers(ctx: &Rc<ShardCtx>, run: &Rc<Run>) {
     let want = ctx.cfg.delivery.connections_per_node.min(queued + run.workers.get());
     while run.workers.get() < want {
         run.workers.set(run.workers.get() + 1);
-        let (ctx, run) = (ctx.clone(), run.clone());
-        glommio::spawn_local(async move { worker(ctx, run).await }).detach();
+        let (c, run) = (ctx.clone(), run.clone());
+        ctx.spawn_bulk(async move { worker(c, run).await });
     }
 }
 
@@ -269,12 +269,7 @@ async fn deliver_one(ctx: &Rc<ShardCtx>, run: &Run, client: &mut SmtpClient, mut
         }
     };
     let sender = String::from_utf8_lossy(view.sender).into_owned();
-    let rcpts: Vec<String> = entry
-        .rcpts
-        .iter()
-        .filter_map(|i| view.recipients.get(*i as usize))
-        .map(|r| String::from_utf8_lossy(r).into_owned())
-        .collect();
+    let rcpts = recipients_of(&view, &entry.rcpts);
     let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
     let msg = OutboundMessage {
         sender: &sender,
@@ -293,12 +288,13 @@ async fn deliver_one(ctx: &Rc<ShardCtx>, run: &Run, client: &mut SmtpClient, mut
     };
     let mut updates = Vec::new();
     let mut failed = Vec::new();
+    let mut failed_idx = Vec::new();
     let mut still = Vec::new();
     for (k, (idx, out)) in entry.rcpts.iter().zip(&outcomes).enumerate() {
         match out {
             RcptOutcome::Delivered(_) => updates.push((*idx, RcptState::Delivered)),
             RcptOutcome::Failed(r) => {
-                updates.push((*idx, RcptState::Failed));
+                failed_idx.push(*idx);
                 failed.push(FailedRecipient {
                     recipient: rcpts[k].clone(),
                     status: enhanced_of(r.code, &r.text),
@@ -314,7 +310,13 @@ async fn deliver_one(ctx: &Rc<ShardCtx>, run: &Run, client: &mut SmtpClient, mut
         }
     }
     if !failed.is_empty() {
-        queue_bounce(ctx, &view, &qid, failed).await;
+        if queue_bounce(ctx, &view, &qid, failed).await {
+            updates.extend(failed_idx.iter().map(|i| (*i, RcptState::Failed)));
+        } else {
+            // No bounce could be spooled: keep the recipients; the next run tries again and
+            // bounces then. Never a failure without its DSN.
+            still.extend(failed_idx);
+        }
     }
     if let Err(e) = ctx.files.set_states(entry.loc, view.state_offset, &updates).await {
         tracing::error!(queue_id = %qid, error = %e, "cannot record delivery state; may be delivered again after a restart");
@@ -366,28 +368,42 @@ async fn fail_all(ctx: &Rc<ShardCtx>, run: &Run, entry: QueueEntry, status: &str
         })
         .collect();
     tracing::info!(queue_id = %qid, reason, "bouncing");
-    queue_bounce(ctx, &view, &qid, failed).await;
+    if !queue_bounce(ctx, &view, &qid, failed).await {
+        run.deferred.borrow_mut().push(entry);
+        return;
+    }
     let updates: Vec<(u16, RcptState)> = entry.rcpts.iter().map(|i| (*i, RcptState::Failed)).collect();
     let _ = ctx.files.set_states(entry.loc, view.state_offset, &updates).await;
     run.touched.borrow_mut().insert(entry.loc.segment);
     ctx.part_done(entry.table_shard as usize, entry.loc.segment);
 }
 
-/// Builds the DSN and spools it like any accepted message, to the sender's node. Bounces to
-/// `<>` are never sent; a sender outside every configured node cannot be reached by a
-/// hold-and-release relay, so that DSN is logged and dropped.
-async fn queue_bounce(ctx: &Rc<ShardCtx>, view: &record::RecordView<'_>, qid: &str, failed: Vec<FailedRecipient>) {
+/// The addresses of the given recipients of a record.
+pub(crate) fn recipients_of(view: &record::RecordView<'_>, idx: &[u16]) -> Vec<String> {
+    idx.iter()
+        .filter_map(|i| view.recipients.get(*i as usize))
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect()
+}
+
+/// Builds the DSN and spools it like any accepted message (null sender): to the sender's node
+/// queue when the sender is at a node, else to [`crate::outbound`], which delivers it to the
+/// sender's MX. Returns true when the failure is accounted for (bounce spooled, or the sender is
+/// `<>` and gets none); false when the bounce could not be spooled, so the caller keeps the
+/// recipients pending rather than lose the DSN.
+async fn queue_bounce(
+    ctx: &Rc<ShardCtx>,
+    view: &record::RecordView<'_>,
+    qid: &str,
+    failed: Vec<FailedRecipient>,
+) -> bool {
     if view.sender.is_empty() {
         tracing::info!(queue_id = qid, "no bounce for the null sender");
-        return;
+        return true;
     }
     let sender = String::from_utf8_lossy(view.sender).into_owned();
-    let domain = sender.rsplit_once('@').map_or("", |(_, d)| d);
-    let Some(node) = ctx.cfg.node_index_for_domain(domain).map(|i| NodeIdx(i as u32)) else {
-        tracing::warn!(queue_id = qid, sender = %sender, "bounce not queued: the sender is not at a configured node");
-        return;
-    };
-    let now = SystemTime::now();
+    let domain = sender.rsplit_once('@').map_or("", |(_, d)| d).to_ascii_lowercase();
+    let node = ctx.cfg.node_index_for_domain(&domain).map(|i| NodeIdx(i as u32));
     let body = build_bounce(&BounceInput {
         reporting_mta: &ctx.cfg.hostname,
         original_sender: &sender,
@@ -395,17 +411,20 @@ async fn queue_bounce(ctx: &Rc<ShardCtx>, view: &record::RecordView<'_>, qid: &s
         arrival_date: UNIX_EPOCH + Duration::from_secs(view.arrival),
         failed: &failed,
         original_message: view.data,
-        now,
+        now: SystemTime::now(),
     });
     let msg_id = ctx.next_msg_id();
     let mut b = RecordBuilder::new(msg_id, spool::unix_now(), b"", &[sender.as_bytes()], body.len());
     b.data_mut().extend_from_slice(&body);
     let rec = b.finish(false);
     let len = rec.len() as u32;
-    let owner = ctx.owner_of(node);
+    let owner = node.map_or(ctx.id, |n| ctx.owner_of(n));
     if owner != ctx.id && !ctx.inboxes[owner].reserve(1) {
-        tracing::warn!(queue_id = qid, "bounce not queued: owning shard busy");
-        return;
+        tracing::warn!(
+            queue_id = qid,
+            "bounce not spooled yet: owning shard busy; the failure is retried"
+        );
+        return false;
     }
     match ctx.writer.commit(rec, 1).await {
         Ok(loc) => {
@@ -417,18 +436,21 @@ async fn queue_bounce(ctx: &Rc<ShardCtx>, view: &record::RecordView<'_>, qid: &s
                 rcpts: vec![0],
                 table_shard: ctx.id as u16,
             };
-            tracing::info!(queue_id = qid, bounce_id = %spool::queue_id(msg_id), "bounce queued");
-            if owner == ctx.id {
-                ctx.enqueue_local(node, entry);
-            } else {
-                ctx.inboxes[owner].send_reserved(ShardMsg::Enqueue { node, entry });
+            let bounce_id = spool::queue_id(msg_id);
+            match node {
+                Some(node) if owner == ctx.id => ctx.enqueue_local(node, entry),
+                Some(node) => ctx.inboxes[owner].send_reserved(ShardMsg::Enqueue { node, entry }),
+                None => crate::outbound::enqueue(ctx, entry, domain),
             }
+            tracing::info!(queue_id = qid, bounce_id = %bounce_id, to = %sender, "bounce queued");
+            true
         }
         Err(e) => {
             if owner != ctx.id {
                 ctx.inboxes[owner].release(1);
             }
-            tracing::error!(queue_id = qid, error = %e, "bounce could not be spooled");
+            tracing::error!(queue_id = qid, error = %e, "bounce could not be spooled; the failure is retried");
+            false
         }
     }
 }

@@ -1110,3 +1110,60 @@ fn null_mx_bounces_and_a_dns_failure_keeps_mail_queued() {
     );
     assert!(!text.contains("carol@nxdomain.test"), "{text}");
 }
+
+/// A 5xx for a message whose sender is outside every node: the DSN is spooled and delivered to
+/// the sender's own MX (no node will ever ETRN for it). While that MX is down it waits; it
+/// survives a SIGKILL and is delivered after the restart.
+#[test]
+fn bounce_to_an_outside_sender_goes_to_its_mx_and_survives_a_restart() {
+    let dns = Dns::start(&zone());
+    let port = reserve_port();
+    let _hard = Sink::start("127.0.0.2", port, &["-f", "RCPT"]);
+    let rest = format!("{}{}", delivery_toml(&dns, port, ""), node("node1.test", ""));
+    let mut relay = Relay::start("shards = 2", "", &rest);
+    let qid = submit(
+        &relay,
+        "alice@other.test",
+        &["bob@node1.test"],
+        b"From: alice@other.test\r\nSubject: to the outside\r\n\r\nbody\r\n",
+    );
+    assert_eq!(
+        etrn(&relay, "node1.test"),
+        "253 2.0.0 OK, 1 pending messages for node node1.test started"
+    );
+    wait_runs_finished(&relay, "node1.test", 1);
+    assert_eq!(relay.queued_for("node1.test"), 0, "5xx: removed from the node's queue");
+    // other.test's MX (127.0.0.8) is not listening yet: the bounce waits in the spool.
+    wait_count("a deferred bounce attempt", &relay, 1, || {
+        relay.log_lines_with(&["bounce deferred", "domain=other.test"])
+    });
+    assert!(relay.log_lines_with(&[&qid, "bounce queued"]) == 1, "{}", relay.log());
+    assert_eq!(bounces_listed(&relay), 1, "{}", relay.queue_listing());
+    relay.kill9();
+    let dir = relay.into_dir();
+    let outside = Sink::start("127.0.0.8", port, &[]);
+    let relay = Relay::start_in(dir, "shards = 2", "", &rest);
+    wait_count("the DSN at other.test's MX", &relay, 1, || outside.complete_count());
+    let (env, dsn) = sink_message(&outside.complete_messages()[0]);
+    assert!(env.contains("X-Mail-Args: <>"), "{env}");
+    assert!(env.contains("X-Rcpt-Args: <alice@other.test>"), "{env}");
+    let text = String::from_utf8_lossy(&dsn);
+    assert!(text.contains("Final-Recipient: rfc822; bob@node1.test"), "{text}");
+    assert!(text.contains(&qid), "{text}");
+    wait_count("the bounce marked delivered", &relay, 1, || {
+        relay.log_lines_with(&["bounce delivered"])
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(outside.count(), 1, "delivered once");
+    assert_eq!(bounces_listed(&relay), 0, "{}", relay.queue_listing());
+}
+
+/// The message count of the `queue` listing's "(bounces to other.test)" row (0 when absent).
+fn bounces_listed(relay: &Relay) -> usize {
+    relay
+        .queue_listing()
+        .lines()
+        .find_map(|l| l.strip_prefix("(bounces to other.test)"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}

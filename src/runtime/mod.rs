@@ -161,6 +161,8 @@ pub struct ShardInit {
     pub entries: Vec<(NodeIdx, QueueEntry)>,
     /// Recovered live-part counts of segments this shard accounts for.
     pub segments: Vec<(SegmentId, usize)>,
+    /// Recovered bounces to senders outside every node, with the sender's domain.
+    pub outbound: Vec<(QueueEntry, String)>,
 }
 
 /// Errors that stop the server from starting.
@@ -180,44 +182,64 @@ pub enum StartError {
     Executor(String),
 }
 
+/// The classifier the recovery scan uses: a recipient's class is its node's index.
+pub fn node_classifier(cfg: &Config) -> impl Fn(&[u8]) -> Option<u32> + '_ {
+    move |rcpt: &[u8]| {
+        let at = memchr::memrchr(b'@', rcpt)?;
+        let domain = std::str::from_utf8(&rcpt[at + 1..]).ok()?;
+        cfg.node_index_for_domain(domain).map(|i| i as u32)
+    }
+}
+
 /// Distributes a recovery scan over the shards.
 pub fn distribute(cfg: &Config, router: ShardRouter, scan: &spool::ScanResult) -> Vec<ShardInit> {
     let mut inits: Vec<ShardInit> = (0..router.shards()).map(|_| ShardInit::default()).collect();
     let mut parts_per_segment: std::collections::HashMap<SegmentId, usize> = Default::default();
     for m in &scan.messages {
         let mut by_node: Vec<(NodeIdx, Vec<u16>)> = Vec::new();
+        for &(idx, class) in &m.pending {
+            let n = NodeIdx(class);
+            match by_node.iter_mut().find(|(k, _)| *k == n) {
+                Some((_, v)) => v.push(idx),
+                None => by_node.push((n, vec![idx])),
+            }
+        }
+        // Recipients outside every node: a bounce on its way to an outside sender (delivered
+        // by `outbound`), or mail for a node since removed from the configuration (kept).
+        let mut by_domain: Vec<(String, Vec<u16>)> = Vec::new();
         let mut orphan = false;
-        for (idx, rcpt) in &m.pending {
-            let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
-            match cfg.node_index_for_domain(domain) {
-                Some(n) => {
-                    let n = NodeIdx(n as u32);
-                    match by_node.iter_mut().find(|(k, _)| *k == n) {
-                        Some((_, v)) => v.push(*idx),
-                        None => by_node.push((n, vec![*idx])),
-                    }
-                }
-                None => orphan = true,
+        for (idx, rcpt) in &m.unclassified {
+            if !m.null_sender {
+                orphan = true;
+                continue;
+            }
+            let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d).to_ascii_lowercase();
+            match by_domain.iter_mut().find(|(d, _)| *d == domain) {
+                Some((_, v)) => v.push(*idx),
+                None => by_domain.push((domain, vec![*idx])),
             }
         }
         if orphan {
             tracing::warn!(queue_id = %spool::queue_id(m.msg_id), "message has recipients of a node no longer configured; kept in the spool untouched");
         }
         let table_shard = router.shard_for_segment(m.location.segment);
-        *parts_per_segment.entry(m.location.segment).or_default() += by_node.len() + usize::from(orphan);
+        *parts_per_segment.entry(m.location.segment).or_default() +=
+            by_node.len() + by_domain.len() + usize::from(orphan);
+        let entry = |rcpts: Vec<u16>| QueueEntry {
+            loc: m.location,
+            msg_id: m.msg_id,
+            arrival: m.arrival,
+            size: m.location.len,
+            rcpts,
+            table_shard: table_shard as u16,
+        };
         for (node, rcpts) in by_node {
             let owner = router.shard_for(&cfg.nodes[node.0 as usize].name);
-            inits[owner].entries.push((
-                node,
-                QueueEntry {
-                    loc: m.location,
-                    msg_id: m.msg_id,
-                    arrival: m.arrival,
-                    size: m.location.len,
-                    rcpts,
-                    table_shard: table_shard as u16,
-                },
-            ));
+            inits[owner].entries.push((node, entry(rcpts)));
+        }
+        for (domain, rcpts) in by_domain {
+            let owner = (fnv1a(domain.as_bytes()) % router.shards() as u64) as usize;
+            inits[owner].outbound.push((entry(rcpts), domain));
         }
     }
     for (seg, parts) in parts_per_segment {
@@ -275,7 +297,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     let spool_dir = SpoolDir::open(&cfg.spool_dir)?;
     let seg_dir = spool_dir.segments_dir();
     let t0 = std::time::Instant::now();
-    let scan = spool::scan(&seg_dir).map_err(StartError::Scan)?;
+    let scan = spool::scan(&seg_dir, &node_classifier(&cfg)).map_err(StartError::Scan)?;
     for dead in &scan.dead_segments {
         let _ = std::fs::remove_file(seg_dir.join(dead.file_name()));
     }

@@ -49,6 +49,13 @@ pub struct ShardCtx {
     /// MX resolver with this shard's cache.
     pub resolver: crate::dns::Resolver,
     ids: RefCell<crate::spool::IdGen>,
+    /// Bounces being delivered to senders outside every node.
+    pub outbound: crate::outbound::OutboundBounces,
+    /// Task queue of the SMTP sessions and the cross-shard inbox: latency matters (an ETRN is
+    /// answered at once even while this shard streams a queue out).
+    pub control_tq: glommio::TaskQueueHandle,
+    /// Task queue of queue runs and bounce deliveries: throughput work, fewer shares.
+    pub bulk_tq: glommio::TaskQueueHandle,
     /// Idle deadlines of this shard's connections.
     pub idle: crate::smtp::server::IdleRegistry,
     /// Inbound STARTTLS configuration (None: not offered).
@@ -104,7 +111,7 @@ impl ShardCtx {
             queues.get_mut(node).push(entry);
         }
         let writer = SpoolWriter::start(seg_dir.clone(), id, segment_size(&cfg), table.clone());
-        Rc::new(ShardCtx {
+        let ctx = Rc::new(ShardCtx {
             id,
             etrn,
             runs: Default::default(),
@@ -115,6 +122,17 @@ impl ShardCtx {
                 own_hostnames: vec![cfg.hostname.clone()],
             }),
             ids: RefCell::new(crate::spool::IdGen::new(id)),
+            outbound: Default::default(),
+            control_tq: glommio::executor().create_task_queue(
+                glommio::Shares::Static(1000),
+                glommio::Latency::Matters(Duration::from_millis(1)),
+                "control",
+            ),
+            bulk_tq: glommio::executor().create_task_queue(
+                glommio::Shares::Static(250),
+                glommio::Latency::NotImportant,
+                "delivery",
+            ),
             idle: Default::default(),
             tls_server,
             tls_client,
@@ -130,7 +148,35 @@ impl ShardCtx {
             connections,
             inflight_bytes: Cell::new(0),
             backlog: RefCell::new(Vec::new()),
-        })
+        });
+        for (entry, domain) in init.outbound {
+            crate::outbound::enqueue(&ctx, entry, domain);
+        }
+        ctx
+    }
+
+    /// Spawns throughput work (queue runs, bounce deliveries) into the bulk task queue.
+    pub fn spawn_bulk(&self, fut: impl std::future::Future<Output = ()> + 'static) {
+        match glommio::spawn_local_into(fut, self.bulk_tq) {
+            Ok(t) => {
+                t.detach();
+            }
+            Err(e) => tracing::error!(error = %e, "cannot spawn into the delivery task queue"),
+        }
+    }
+
+    /// Spawns latency-sensitive work (sessions, inbox) into the control task queue.
+    pub fn spawn_control<T: 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + 'static,
+    ) -> Option<glommio::task::JoinHandle<T>> {
+        match glommio::spawn_local_into(fut, self.control_tq) {
+            Ok(t) => Some(t.detach()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot spawn into the control task queue");
+                None
+            }
+        }
     }
 
     /// A new message id (queue id).
@@ -196,15 +242,14 @@ pub async fn serve(
     listen: Vec<SocketAddr>,
     stop: crossbeam_channel::Receiver<()>,
 ) {
-    glommio::spawn_local({
+    ctx.spawn_control({
         let ctx = ctx.clone();
         async move {
             while let Some(msg) = inbox.recv().await {
                 handle_msg(&ctx, msg);
             }
         }
-    })
-    .detach();
+    });
     glommio::spawn_local({
         let ctx = ctx.clone();
         async move {
@@ -217,12 +262,13 @@ pub async fn serve(
     .detach();
     glommio::spawn_local(crate::smtp::server::sweep_loop(ctx.clone())).detach();
     crate::etrn::start_shard_tasks(&ctx);
+    crate::outbound::start(&ctx);
     let mut listeners = Vec::new();
     for addr in listen {
         match glommio::net::TcpListener::bind(addr) {
             Ok(l) => {
                 tracing::info!(shard = ctx.id, %addr, "listening");
-                listeners.push(glommio::spawn_local(crate::smtp::server::accept_loop(ctx.clone(), l)).detach());
+                listeners.extend(ctx.spawn_control(crate::smtp::server::accept_loop(ctx.clone(), l)));
             }
             Err(e) => {
                 tracing::error!(shard = ctx.id, %addr, error = %e, "cannot listen");

@@ -147,9 +147,17 @@ pub struct RecoveredMessage {
     pub arrival: u64,
     /// Data length (for the queue listing).
     pub data_len: u64,
-    /// (index, address) of each pending recipient.
-    pub pending: Vec<(u16, String)>,
+    /// (recipient index, class) of each pending recipient the classifier recognised.
+    pub pending: Vec<(u16, u32)>,
+    /// (recipient index, address) of each pending recipient it did not.
+    pub unclassified: Vec<(u16, String)>,
+    /// The envelope sender is `<>` (a bounce).
+    pub null_sender: bool,
 }
+
+/// Maps a recipient address to an opaque class (the runtime uses the node index), or None.
+/// The spool itself knows nothing of nodes.
+pub type Classifier<'a> = &'a dyn Fn(&[u8]) -> Option<u32>;
 
 /// What the scan found.
 #[derive(Debug, Default)]
@@ -166,7 +174,7 @@ pub struct ScanResult {
 
 /// Reads every segment in `segments_dir` with blocking I/O: called before the executors start
 /// (and by the read-only `queue` command), never on an executor.
-pub fn scan(segments_dir: &Path) -> std::io::Result<ScanResult> {
+pub fn scan(segments_dir: &Path, classify: Classifier<'_>) -> std::io::Result<ScanResult> {
     let mut result = ScanResult::default();
     let mut ids: Vec<SegmentId> = std::fs::read_dir(segments_dir)?
         .filter_map(|e| e.ok())
@@ -181,7 +189,7 @@ pub fn scan(segments_dir: &Path) -> std::io::Result<ScanResult> {
             Err(e) => return Err(e),
         };
         let before = result.messages.len();
-        scan_segment(id, &bytes, &mut result);
+        scan_segment(id, &bytes, classify, &mut result);
         if result.messages.len() > before {
             result.live_segments.push(id);
         } else {
@@ -191,20 +199,23 @@ pub fn scan(segments_dir: &Path) -> std::io::Result<ScanResult> {
     Ok(result)
 }
 
-fn scan_segment(id: SegmentId, bytes: &[u8], result: &mut ScanResult) {
+fn scan_segment(id: SegmentId, bytes: &[u8], classify: Classifier<'_>, result: &mut ScanResult) {
     let mut off = 0usize;
     while off + record::HEADER_LEN <= bytes.len() {
         match record::parse(&bytes[off..]) {
             Ok(v) => {
-                let pending: Vec<(u16, String)> = v
-                    .recipients
-                    .iter()
-                    .zip(v.states)
-                    .enumerate()
-                    .filter(|(_, (_, s))| RcptState::from_byte(**s) == RcptState::Pending)
-                    .map(|(i, (r, _))| (i as u16, String::from_utf8_lossy(r).into_owned()))
-                    .collect();
-                if !pending.is_empty() {
+                let mut pending = Vec::new();
+                let mut unclassified = Vec::new();
+                for (i, (r, st)) in v.recipients.iter().zip(v.states).enumerate() {
+                    if RcptState::from_byte(*st) != RcptState::Pending {
+                        continue;
+                    }
+                    match classify(r) {
+                        Some(c) => pending.push((i as u16, c)),
+                        None => unclassified.push((i as u16, String::from_utf8_lossy(r).into_owned())),
+                    }
+                }
+                if !pending.is_empty() || !unclassified.is_empty() {
                     result.messages.push(RecoveredMessage {
                         location: Location {
                             segment: id,
@@ -215,6 +226,8 @@ fn scan_segment(id: SegmentId, bytes: &[u8], result: &mut ScanResult) {
                         arrival: v.arrival,
                         data_len: v.data.len() as u64,
                         pending,
+                        unclassified,
+                        null_sender: v.sender.is_empty(),
                     });
                 }
                 off += v.total_len;
@@ -284,7 +297,7 @@ mod tests {
             b"garbage garbage garbage garbage garbage garbage garbage",
         )
         .unwrap();
-        let r = scan(dir.path()).unwrap();
+        let r = scan(dir.path(), &|_| Some(0)).unwrap();
         let ids: Vec<u64> = r.messages.iter().map(|m| m.msg_id).collect();
         assert_eq!(ids, vec![1, 4]);
         assert_eq!(r.corrupt_records, 2);
@@ -300,7 +313,7 @@ mod tests {
         seg.extend_from_slice(&full[..full.len() / 2]);
         seg.extend(vec![0; 8192]);
         std::fs::write(dir.path().join(SegmentId(1).file_name()), &seg).unwrap();
-        let r = scan(dir.path()).unwrap();
+        let r = scan(dir.path(), &|_| Some(0)).unwrap();
         assert_eq!(r.messages.len(), 1);
         assert_eq!(r.corrupt_records, 1);
     }
