@@ -312,6 +312,11 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         "spool recovered"
     );
     drop(scan);
+    // The scan's buffers are freed on this thread, which does nothing but wait from now on, so
+    // the allocator would keep their pages; give them back now. (A no-op when mimalloc is not
+    // the global allocator, as in unit tests.)
+    // SAFETY: mi_collect only walks and releases the calling thread's own free pages.
+    unsafe { libmimalloc_sys::mi_collect(true) };
     if cfg.nodes.is_empty() {
         tracing::warn!("no [[node]] configured: this relay accepts mail for nobody until nodes are configured");
     }

@@ -152,6 +152,9 @@ impl ShardCtx {
         for (entry, domain) in init.outbound {
             crate::outbound::enqueue(&ctx, entry, domain);
         }
+        // The recovered lists were consumed into the queues; return their pages.
+        // SAFETY: mi_collect only releases this thread's own free pages.
+        unsafe { libmimalloc_sys::mi_collect(true) };
         ctx
     }
 

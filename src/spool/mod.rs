@@ -181,13 +181,17 @@ pub fn scan(segments_dir: &Path, classify: Classifier<'_>) -> std::io::Result<Sc
         .filter_map(|e| SegmentId::from_file_name(e.file_name().to_str()?))
         .collect();
     ids.sort();
+    // One buffer for every segment, so the scan's memory is one segment, not the whole spool
+    // (freed memory of many large reads is not always given back to the system).
+    let mut bytes = Vec::new();
     for id in ids {
         let path = segments_dir.join(id.file_name());
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
+        bytes.clear();
+        match std::fs::File::open(&path).and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut bytes)) {
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // removed meanwhile
             Err(e) => return Err(e),
-        };
+        }
         let before = result.messages.len();
         scan_segment(id, &bytes, classify, &mut result);
         if result.messages.len() > before {
