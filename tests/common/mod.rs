@@ -208,6 +208,25 @@ impl Drop for Relay {
     }
 }
 
+/// Reads one (possibly multi-line) SMTP reply from `r`; lines joined with '\n'. Empty on EOF
+/// or error.
+pub fn read_reply_from(r: &mut impl BufRead) -> String {
+    let mut all = Vec::new();
+    loop {
+        let mut l = String::new();
+        match r.read_line(&mut l) {
+            Ok(0) | Err(_) => return all.join("\n"),
+            Ok(_) => {}
+        }
+        let line = l.trim_end_matches(['\r', '\n']).to_owned();
+        let more = line.as_bytes().get(3) == Some(&b'-');
+        all.push(line);
+        if !more {
+            return all.join("\n");
+        }
+    }
+}
+
 /// A minimal blocking SMTP client for tests: raw bytes in, raw replies out.
 pub struct SmtpClient {
     pub stream: TcpStream,
@@ -234,20 +253,7 @@ impl SmtpClient {
 
     /// Reads one (possibly multi-line) reply; lines joined with '\n'. Empty on EOF.
     pub fn read_reply(&mut self) -> String {
-        let mut all = Vec::new();
-        loop {
-            let mut l = String::new();
-            match self.reader.read_line(&mut l) {
-                Ok(0) | Err(_) => return all.join("\n"),
-                Ok(_) => {}
-            }
-            let line = l.trim_end_matches(['\r', '\n']).to_owned();
-            let more = line.as_bytes().get(3) == Some(&b'-');
-            all.push(line);
-            if !more {
-                return all.join("\n");
-            }
-        }
+        read_reply_from(&mut self.reader)
     }
 
     /// Reads until EOF (the server closed), returning what came.
@@ -1669,20 +1675,7 @@ impl TlsSmtpClient {
 
     /// One (possibly multi-line) reply, lines joined with '\n'; empty on EOF or error.
     pub fn read_reply(&mut self) -> String {
-        let mut all = Vec::new();
-        loop {
-            let mut l = String::new();
-            match self.reader.read_line(&mut l) {
-                Ok(0) | Err(_) => return all.join("\n"),
-                Ok(_) => {}
-            }
-            let line = l.trim_end_matches(['\r', '\n']).to_owned();
-            let more = line.as_bytes().get(3) == Some(&b'-');
-            all.push(line);
-            if !more {
-                return all.join("\n");
-            }
-        }
+        read_reply_from(&mut self.reader)
     }
 
     /// Reads until the server ends the connection (close_notify, EOF or reset) and returns
