@@ -1167,3 +1167,41 @@ fn bounces_listed(relay: &Relay) -> usize {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// `retry_interval` on a node: the relay delivers on its own, without any ETRN.
+#[test]
+fn retry_interval_delivers_without_etrn() {
+    let dns = Dns::start(&zone());
+    let port = reserve_port();
+    let sink = Sink::start("127.0.0.2", port, &[]);
+    let relay = relay(
+        &dns,
+        port,
+        "",
+        "",
+        &[node("node1.test", "retry_interval = \"1s\""), node("node2.test", "")],
+    );
+    submit(
+        &relay,
+        "a@client.test",
+        &["x@node1.test"],
+        b"Subject: by timer\r\n\r\nbody\r\n",
+    );
+    submit(
+        &relay,
+        "a@client.test",
+        &["y@node2.test"],
+        b"Subject: waits for ETRN\r\n\r\nbody\r\n",
+    );
+    wait_count("the timer's delivery", &relay, 1, || sink.complete_count());
+    assert!(relay.log_lines_with(&["retry interval: starting a queue run", "node=node1.test"]) >= 1);
+    assert_eq!(relay.queued_for("node1.test"), 0);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        relay.queued_for("node2.test"),
+        1,
+        "a node without retry_interval waits for its ETRN"
+    );
+    assert_eq!(relay.log_lines_with(&["queue run started", "node=node2.test"]), 0);
+    assert_eq!(sink.count(), 1);
+}

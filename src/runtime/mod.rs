@@ -288,7 +288,20 @@ fn spawn_signal_thread(shards: usize) -> Vec<Option<crossbeam_channel::Receiver<
 }
 
 /// Opens the spool, recovers it, starts every shard and blocks until they stop.
-pub fn run(cfg: Config) -> Result<(), StartError> {
+pub fn run(mut cfg: Config) -> Result<(), StartError> {
+    if cfg.dns.nameservers.is_empty() {
+        // Read /etc/resolv.conf here, before the executors start: never a blocking file read
+        // on a shard.
+        let found = std::fs::read_to_string("/etc/resolv.conf")
+            .map(|t| crate::dns::nameservers_from_resolv_conf(&t))
+            .unwrap_or_default();
+        cfg.dns.nameservers = if found.is_empty() {
+            tracing::warn!("no nameserver in /etc/resolv.conf; using 127.0.0.1:53");
+            vec![SocketAddr::from(([127, 0, 0, 1], 53))]
+        } else {
+            found
+        };
+    }
     let cfg = Arc::new(cfg);
     let tls_server = match &cfg.tls {
         Some(t) => Some(crate::tls::server_config(&t.cert, &t.key)?),
