@@ -43,6 +43,8 @@ pub struct EtrnState {
 
 struct SharedLimits {
     etrn_rate: Mutex<RateLimiter>,
+    /// Addresses that keep flooding past the rate limit: growing delays, then a lock-out.
+    etrn_abuse: Mutex<AuthLimiter>,
     auth_failures: Mutex<AuthLimiter>,
 }
 
@@ -63,6 +65,12 @@ impl EtrnState {
         EtrnState {
             shared: Arc::new(SharedLimits {
                 etrn_rate: Mutex::new(RateLimiter::new(20, 2.0)),
+                // Five refusals within a minute lock the address out of ETRN for five minutes;
+                // until then each refusal is answered after 0.1, 0.2, 0.4, 0.8, 1.6 s.
+                etrn_abuse: Mutex::new(
+                    AuthLimiter::new(5, Duration::from_secs(60), Duration::from_secs(300))
+                        .with_delays(Duration::from_millis(100), Duration::from_millis(1600)),
+                ),
                 auth_failures: Mutex::new(AuthLimiter::new(5, Duration::from_secs(900), Duration::from_secs(900))),
             }),
         }
@@ -71,6 +79,16 @@ impl EtrnState {
     /// Takes one ETRN token for `ip`; false when the address is over its rate.
     fn etrn_allowed(&self, ip: IpAddr) -> bool {
         lock(&self.shared.etrn_rate).check(ip, Instant::now())
+    }
+
+    /// Records an ETRN refused for flooding; returns the delay before the refusal is sent.
+    fn etrn_refused(&self, ip: IpAddr) -> Duration {
+        lock(&self.shared.etrn_abuse).record_failure(ip, Instant::now())
+    }
+
+    /// Remaining ETRN lock-out of an address that kept flooding.
+    pub fn etrn_locked_out(&self, ip: IpAddr) -> Option<Duration> {
+        lock(&self.shared.etrn_abuse).is_locked_out(ip, Instant::now())
     }
 
     /// Remaining lock-out of an address after repeated AUTH failures.
@@ -189,7 +207,20 @@ pub async fn handle_command(ctx: &Rc<ShardCtx>, session: &Session, arg: &[u8]) -
         Ok(t) => t,
         Err(r) => return r,
     };
-    if !ctx.etrn.etrn_allowed(session.peer().ip()) {
+    let ip = session.peer().ip();
+    if let Some(left) = ctx.etrn.etrn_locked_out(ip) {
+        return Reply::owned(
+            458,
+            "4.7.0",
+            format!(
+                "Unable to queue messages for node {label}: too many ETRN requests, try again in {} s",
+                left.as_secs() + 1
+            ),
+        );
+    }
+    if !ctx.etrn.etrn_allowed(ip) {
+        let delay = ctx.etrn.etrn_refused(ip);
+        glommio::timer::sleep(delay).await;
         return Reply::owned(
             458,
             "4.7.0",

@@ -474,6 +474,29 @@ fn etrn_flood_from_one_client_is_rate_limited() {
     );
     // The flood does not break the session.
     assert!(c.cmd("NOOP").starts_with("250"));
+    // The refusals came after growing delays, then the address was locked out: a new
+    // connection from it is refused at once, with the time left...
+    let mut again = relay.client();
+    assert!(again.cmd("EHLO client.test").starts_with("250"));
+    let t0 = Instant::now();
+    let r = again.cmd("ETRN node1.test");
+    assert!(r.starts_with("458 4.7.0") && r.contains("try again in"), "{r}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "a locked-out address is answered at once"
+    );
+    assert!(
+        limited.iter().any(|r| r.contains("try again in")),
+        "the lock-out started during the flood: {limited:?}"
+    );
+    // ...while another address is served normally.
+    let mut other = SmtpClient::from_stream(connect_from("127.0.0.31".parse().unwrap(), relay.addr()));
+    assert!(other.read_reply().starts_with("220"));
+    assert!(other.cmd("EHLO other.test").starts_with("250"));
+    assert_eq!(
+        other.cmd("ETRN node1.test"),
+        "251 2.0.0 OK, no messages waiting for node node1.test"
+    );
 }
 
 // ---- 3. concurrency ------------------------------------------------------------------------
