@@ -122,10 +122,14 @@ impl DataReceiver {
     /// Emits a run of text: `bytes[..text]` is content, the rest (at most one octet) the CR or
     /// LF that ended the run. A NUL is reported at its own position relative to a line or size
     /// limit crossed in the same run.
-    fn emit_text(&mut self, out: &mut Vec<u8>, bytes: &[u8], text: usize) {
+    fn emit_text(&mut self, out: &mut Vec<u8>, bytes: &[u8], text: usize, checks: Checks) {
         let content = &bytes[..text];
-        if !self.eight_bit && content.iter().any(|b| *b >= 0x80) {
+        if checks.eight_bit && !self.eight_bit && has_high_bit(content) {
             self.eight_bit = true;
+        }
+        if !checks.nul {
+            self.emit(out, bytes);
+            return;
         }
         match memchr::memchr(0, content) {
             None => self.emit(out, bytes),
@@ -139,6 +143,12 @@ impl DataReceiver {
 
     /// Consumes `input`, appending unstuffed content (CRLF line endings) to `out`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Feed {
+        // One vectorised pass over the whole input decides whether the per-line NUL and 8-bit
+        // checks are needed at all (almost never for NUL; for 8-bit only until the first one).
+        let checks = Checks {
+            nul: memchr::memchr(0, input).is_some(),
+            eight_bit: !self.eight_bit && has_high_bit(input),
+        };
         let mut i = 0;
         while i < input.len() {
             match self.state {
@@ -186,11 +196,17 @@ impl DataReceiver {
                     let rest = &input[i..];
                     match memchr::memchr2(b'\r', b'\n', rest) {
                         None => {
-                            self.emit_text(out, rest, rest.len());
+                            self.emit_text(out, rest, rest.len(), checks);
                             i = input.len();
                         }
+                        Some(j) if rest[j] == b'\r' && rest.get(j + 1) == Some(&b'\n') => {
+                            // The common case: a whole line ending in CRLF, in one step.
+                            self.emit_text(out, &rest[..j + 2], j, checks);
+                            i += j + 2;
+                            self.state = State::LineStart;
+                        }
                         Some(j) => {
-                            self.emit_text(out, &rest[..=j], j);
+                            self.emit_text(out, &rest[..=j], j, checks);
                             i += j + 1;
                             if rest[j] == b'\n' {
                                 // A bare LF does not start a line: only CRLF does, so
@@ -207,6 +223,25 @@ impl DataReceiver {
         }
         Feed::NeedMore
     }
+}
+
+/// Which per-run checks a `feed` call needs (decided once per call over the whole input).
+#[derive(Debug, Clone, Copy)]
+struct Checks {
+    nul: bool,
+    eight_bit: bool,
+}
+
+/// Whether any octet has the high bit set: OR of 8-octet words, which the compiler vectorises
+/// (an early-exit byte loop does not).
+fn has_high_bit(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    let mut acc = 0u64;
+    for w in &mut words {
+        acc |= u64::from_ne_bytes(w.try_into().expect("8 octets"));
+    }
+    let tail = words.remainder().iter().fold(0u8, |a, b| a | b);
+    acc & 0x8080_8080_8080_8080 != 0 || tail & 0x80 != 0
 }
 
 /// Counts `Received:` header fields in a message's header section (up to the first empty line).
