@@ -240,6 +240,10 @@ async fn worker(ctx: Rc<ShardCtx>, run: Rc<Run>) {
         if !ok {
             client = None; // connection is broken; reconnect for the next message
         }
+        // Socket writes and page-cache reads often complete without suspending, so a worker
+        // could stream many messages without ever giving the latency-sensitive queue (sessions,
+        // ETRN) a turn; let it in whenever the scheduler asks.
+        glommio::yield_if_needed().await;
     }
     if let Some(c) = client {
         c.quit().await;
