@@ -95,7 +95,13 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!("{e}");
                     eprintln!("etrn-relay: {e}");
-                    ExitCode::from(1)
+                    // An unreadable certificate or key is a configuration error, like a bad key.
+                    let code = if matches!(e, etrn_relay::runtime::StartError::Tls(_)) {
+                        2
+                    } else {
+                        1
+                    };
+                    ExitCode::from(code)
                 }
             }
         }

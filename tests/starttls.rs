@@ -302,3 +302,30 @@ fn swaks_sends_a_message_over_starttls() {
     assert!(data.contains("with ESMTPS id"), "{data}");
     assert!(data.contains("Subject: swaks over tls"), "{data}");
 }
+
+/// An unreadable certificate is a configuration error: exit 2 with the key named, nothing
+/// listening.
+#[test]
+fn unreadable_certificate_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "spool_dir = \"{}\"\n[smtp]\nlisten = [\"127.0.0.1:{}\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            dir.path().join("spool").display(),
+            free_port(),
+            dir.path().join("missing-cert.pem").display(),
+            dir.path().join("missing-key.pem").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(relay_bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tls.cert") && err.contains("missing-cert.pem"), "{err}");
+}
