@@ -132,7 +132,8 @@ async fn attempt(ctx: &Rc<ShardCtx>, p: &Pending) -> Attempt {
     let view = match record::parse(&bytes) {
         Ok(v) => v,
         Err(e) => {
-            tracing::error!(queue_id = %qid, error = %e, "spooled bounce is damaged; left in the spool");
+            tracing::error!(queue_id = %qid, error = %e, "spooled bounce is damaged; dropped");
+            ctx.part_done(p.entry.table_shard as usize, p.entry.loc.segment);
             return Attempt::Done;
         }
     };

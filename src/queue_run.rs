@@ -268,7 +268,9 @@ async fn deliver_one(ctx: &Rc<ShardCtx>, run: &Run, client: &mut SmtpClient, mut
     let view = match record::parse(&bytes) {
         Ok(v) => v,
         Err(e) => {
-            tracing::error!(queue_id = %qid, error = %e, "spooled message is damaged; left in the spool");
+            // Undeliverable and skipped by recovery too: let its segment go.
+            tracing::error!(queue_id = %qid, error = %e, "spooled message is damaged; dropped from the queue");
+            ctx.part_done(entry.table_shard as usize, entry.loc.segment);
             return true;
         }
     };
@@ -359,7 +361,11 @@ async fn fail_all(ctx: &Rc<ShardCtx>, run: &Run, entry: QueueEntry, status: &str
         run.deferred.borrow_mut().push(entry);
         return;
     };
-    let Ok(view) = record::parse(&bytes) else { return };
+    let Ok(view) = record::parse(&bytes) else {
+        tracing::error!(queue_id = %qid, "spooled message is damaged; dropped from the queue");
+        ctx.part_done(entry.table_shard as usize, entry.loc.segment);
+        return;
+    };
     let failed: Vec<FailedRecipient> = entry
         .rcpts
         .iter()

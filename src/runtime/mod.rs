@@ -71,6 +71,9 @@ pub enum ShardMsg {
     },
     /// A part of a message in a segment this shard accounts for is finished.
     PartDone(SegmentId),
+    /// A segment file was removed: close any handle to it (its disk space is freed only when
+    /// the last handle goes).
+    SegmentRemoved(SegmentId),
     /// An ETRN for nodes this shard owns.
     Etrn(crate::etrn::EtrnRequest),
 }

@@ -202,9 +202,14 @@ impl ShardCtx {
     pub fn part_done(self: &Rc<Self>, table_shard: usize, seg: SegmentId) {
         if table_shard == self.id {
             if self.table.part_done(seg) {
+                // Every shard that read from the segment holds a handle; a removed file keeps
+                // its disk space until the last one is closed.
+                self.files.forget(seg);
+                for shard in (0..self.inboxes.len()).filter(|s| *s != self.id) {
+                    self.send_or_backlog(shard, ShardMsg::SegmentRemoved(seg));
+                }
                 let me = self.clone();
                 glommio::spawn_local(async move {
-                    me.files.close_all();
                     me.table.remove(seg).await;
                 })
                 .detach();
@@ -303,6 +308,7 @@ fn handle_msg(ctx: &Rc<ShardCtx>, msg: ShardMsg) {
     match msg {
         ShardMsg::Enqueue { node, entry } => ctx.enqueue_local(node, entry),
         ShardMsg::PartDone(seg) => ctx.part_done(ctx.id, seg),
+        ShardMsg::SegmentRemoved(seg) => ctx.files.forget(seg),
         ShardMsg::Etrn(req) => crate::etrn::handle_request(ctx, req),
     }
 }

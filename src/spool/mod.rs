@@ -253,7 +253,10 @@ fn scan_segment(id: SegmentId, bytes: &[u8], classify: Classifier<'_>, result: &
             Err(e @ (RecordError::BadHeader | RecordError::Truncated)) => {
                 tracing::warn!(segment = %id.file_name(), offset = off, error = %e, "skipping damaged spool bytes");
                 result.corrupt_records += 1;
-                // Resynchronise on the next aligned magic.
+                // Resynchronise on the next aligned magic. This can land inside the damaged
+                // record's message data, but a forged record cannot hide there: a valid header
+                // needs NUL octets (its length fields, checksums and reserved bytes) and the
+                // SMTP layer never stores a message containing NUL (550 5.6.0).
                 let mut next = off + record::ALIGN;
                 while next + 4 <= bytes.len() && bytes[next..next + 4] != record::MAGIC {
                     next += record::ALIGN;

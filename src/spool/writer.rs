@@ -70,8 +70,20 @@ struct Pending {
 
 struct Active {
     id: SegmentId,
-    file: Rc<BufferedFile>,
+    file: Rc<SegFile>,
     pos: u64,
+}
+
+/// A segment being appended to, and how many of its syncs have failed.
+///
+/// Linux reports a writeback error to only one `fdatasync` per open file: when several batches
+/// sync the same file concurrently and one sync fails, a later one can succeed although the
+/// pages it depended on were lost. So every batch notes the failure count when it is placed and
+/// counts as failed if it changed by the time its own sync returns; and a segment with a failed
+/// sync is not appended to again.
+struct SegFile {
+    file: BufferedFile,
+    sync_failures: Cell<u64>,
 }
 
 /// Live-message accounting per segment, owned by one shard. A segment is removed when its last
@@ -218,7 +230,8 @@ struct Flusher {
 
 /// A record with its place assigned, ready to be written.
 struct Placed {
-    file: Rc<BufferedFile>,
+    file: Rc<SegFile>,
+    failures_at_place: u64,
     record: Vec<u8>,
     loc: Location,
     parts: usize,
@@ -278,7 +291,10 @@ impl Flusher {
         tracing::debug!(segment = %id.file_name(), "new spool segment");
         Ok(Active {
             id,
-            file: Rc::new(file),
+            file: Rc::new(SegFile {
+                file,
+                sync_failures: Cell::new(0),
+            }),
             pos: 0,
         })
     }
@@ -292,7 +308,7 @@ impl Flusher {
             let len = p.record.len() as u64;
             let need_new = match &*self.active.borrow() {
                 None => true,
-                Some(a) => a.pos > 0 && a.pos + len > self.inner.segment_size,
+                Some(a) => (a.pos > 0 && a.pos + len > self.inner.segment_size) || a.file.sync_failures.get() > 0,
             };
             if need_new {
                 let old = self.active.borrow_mut().take();
@@ -321,6 +337,7 @@ impl Flusher {
             self.table.add_parts(a.id, p.parts, false);
             placed.push(Placed {
                 file: a.file.clone(),
+                failures_at_place: a.file.sync_failures.get(),
                 record: p.record,
                 loc,
                 parts: p.parts,
@@ -335,28 +352,53 @@ impl Flusher {
 /// whose write or sync failed is answered with the error and its parts are taken back; its
 /// bytes stay in the segment unacknowledged (recovery only sees them if they are intact, in
 /// which case the message is delivered: at-least-once).
+/// A placed record after its write: what to answer and whom.
+struct Written {
+    done: Waiter,
+    loc: Location,
+    parts: usize,
+    file: Rc<SegFile>,
+    failures_at_place: u64,
+    result: Result<(), SpoolError>,
+}
+
 async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
-    let mut results: Vec<(Waiter, Location, usize, Result<(), SpoolError>)> = Vec::with_capacity(placed.len());
-    let mut touched: Vec<Rc<BufferedFile>> = Vec::new();
+    let mut results: Vec<Written> = Vec::with_capacity(placed.len());
+    let mut touched: Vec<Rc<SegFile>> = Vec::new();
     for p in placed {
-        let res = write_all(&p.file, p.record, p.loc.offset).await;
+        let res = write_all(&p.file.file, p.record, p.loc.offset).await;
         if res.is_ok() && !touched.iter().any(|f| Rc::ptr_eq(f, &p.file)) {
             touched.push(p.file.clone());
         }
-        results.push((p.done, p.loc, p.parts, res));
+        results.push(Written {
+            done: p.done,
+            loc: p.loc,
+            parts: p.parts,
+            file: p.file,
+            failures_at_place: p.failures_at_place,
+            result: res,
+        });
     }
     for file in touched {
-        if let Err(e) = file.fdatasync().await {
+        if let Err(e) = file.file.fdatasync().await {
+            file.sync_failures.set(file.sync_failures.get() + 1);
             let e = SpoolError::from(e);
-            tracing::error!(error = %e, "spool fdatasync failed; the batch is not acknowledged");
-            for r in results.iter_mut() {
-                if r.3.is_ok() {
-                    r.3 = Err(e.clone());
-                }
-            }
+            tracing::error!(error = %e, "spool fdatasync failed; the batch is not acknowledged and the segment is retired");
         }
     }
-    for (w, loc, parts, r) in results {
+    for Written {
+        done: w,
+        loc,
+        parts,
+        file,
+        failures_at_place,
+        result: mut r,
+    } in results
+    {
+        if r.is_ok() && file.sync_failures.get() != failures_at_place {
+            // Our sync, or a concurrent one on the same file, failed: our pages may be lost.
+            r = Err(SpoolError::Io("a sync of this segment failed".into()));
+        }
         if let Err(e) = &r {
             tracing::error!(error = %e, segment = %loc.segment.file_name(), offset = loc.offset, "spool write failed");
             let mut removable = false;
@@ -454,6 +496,11 @@ impl SegmentFiles {
     pub async fn sync(&self, seg: SegmentId) -> std::io::Result<()> {
         let f = self.file(seg).await?;
         f.fdatasync().await.map_err(std::io::Error::from)
+    }
+
+    /// Closes the handle of a removed segment.
+    pub fn forget(&self, seg: SegmentId) {
+        self.open.borrow_mut().remove(&seg);
     }
 
     /// Closes every handle, so removed segments release their disk space. Called when the
