@@ -318,16 +318,6 @@ pub fn handle_request(ctx: &Rc<ShardCtx>, req: EtrnRequest) {
     let _ = req.reply.try_send(counts);
 }
 
-/// Called when a part is added to a local node queue: a running run picks it up by itself.
-pub fn on_enqueue(ctx: &ShardCtx, node: NodeIdx) {
-    crate::queue_run::on_enqueue(ctx, node);
-}
-
-/// Starts per-shard background tasks (automatic retries of nodes with `retry_interval`).
-pub fn start_shard_tasks(ctx: &Rc<ShardCtx>) {
-    crate::queue_run::start_retry_timers(ctx);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -83,17 +83,6 @@ pub fn start_or_join(ctx: &Rc<ShardCtx>, node: NodeIdx, dynamic_ip: Option<IpAdd
     ctx.spawn_bulk(async move { begin(c, run).await });
 }
 
-/// New mail for a node with a run going: give the run a worker if it has room.
-pub fn on_enqueue(ctx: &ShardCtx, node: NodeIdx) {
-    let run = ctx.runs.active.borrow().get(&node).cloned();
-    if let Some(run) = run {
-        if !run.targets.borrow().is_empty() && run.workers.get() == 0 {
-            // All workers finished but the run has not closed yet: it will re-check the queue.
-            tracing::debug!(node = %ctx.cfg.nodes[node.0 as usize].name, "mail arrived while the run is closing");
-        }
-    }
-}
-
 /// Starts the `retry_interval` timers of the nodes this shard owns.
 pub fn start_retry_timers(ctx: &Rc<ShardCtx>) {
     for (i, n) in ctx.cfg.nodes.iter().enumerate() {

@@ -146,14 +146,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MaybeTls<S> {
         matches!(self, MaybeTls::Server(_) | MaybeTls::Client(_))
     }
 
-    /// The plaintext stream (None once upgraded).
-    pub fn plain(&self) -> Option<&S> {
-        match self {
-            MaybeTls::Plain(s) => Some(s),
-            _ => None,
-        }
-    }
-
     /// Server-side handshake. On error the connection is gone (the caller closes it).
     pub async fn accept(&mut self, cfg: Arc<rustls::ServerConfig>) -> io::Result<()> {
         let MaybeTls::Plain(s) = std::mem::replace(self, MaybeTls::Upgrading) else {

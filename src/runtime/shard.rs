@@ -110,7 +110,7 @@ impl ShardCtx {
         for (node, entry) in init.entries {
             queues.get_mut(node).push(entry);
         }
-        let writer = SpoolWriter::start(seg_dir.clone(), id, segment_size(&cfg), table.clone());
+        let writer = SpoolWriter::start(seg_dir.clone(), id, cfg.spool_segment_size, table.clone());
         let ctx = Rc::new(ShardCtx {
             id,
             etrn,
@@ -192,10 +192,10 @@ impl ShardCtx {
         self.router.shard_for(&self.cfg.nodes[node.0 as usize].name)
     }
 
-    /// Adds a part to a local node queue.
+    /// Adds a part to a local node queue. A run going for the node takes it without being
+    /// told: its workers pop until the queue is empty, and `finish` looks again before closing.
     pub fn enqueue_local(&self, node: NodeIdx, entry: QueueEntry) {
         self.queues.borrow_mut().get_mut(node).push(entry);
-        crate::etrn::on_enqueue(self, node);
     }
 
     /// Reports a finished part to the shard accounting for its segment; never blocks.
@@ -234,10 +234,6 @@ impl ShardCtx {
     }
 }
 
-fn segment_size(cfg: &Config) -> u64 {
-    cfg.spool_segment_size
-}
-
 /// How long a shutdown waits for open transactions before it stops anyway.
 const DRAIN_GRACE: Duration = Duration::from_secs(20);
 
@@ -269,7 +265,7 @@ pub async fn serve(
     })
     .detach();
     glommio::spawn_local(crate::smtp::server::sweep_loop(ctx.clone())).detach();
-    crate::etrn::start_shard_tasks(&ctx);
+    crate::queue_run::start_retry_timers(&ctx);
     crate::outbound::start(&ctx);
     let mut listeners = Vec::new();
     for addr in listen {

@@ -564,11 +564,11 @@ impl Connection {
             common::STORAGE.encode_into(&mut self.out);
             return Ok(Flow::Continue);
         }
+        // DATA ends the transaction whatever its outcome: take the envelope now.
         let txn = self
             .session
-            .transaction()
-            .expect("StartData only inside a transaction")
-            .clone();
+            .take_transaction()
+            .expect("StartData only inside a transaction");
         let msg_id = self.ctx.next_msg_id();
         let qid = spool::queue_id(msg_id);
         let rcpt_refs: Vec<&[u8]> = txn.rcpts.iter().map(|(a, _)| a.as_slice()).collect();
@@ -623,7 +623,6 @@ impl Connection {
             self.end = 0;
         }
         let release = |ctx: &ShardCtx| ctx.inflight_bytes.set(ctx.inflight_bytes.get() - held);
-        self.session.take_transaction();
         match result {
             Ok(()) => {}
             Err(None) => {

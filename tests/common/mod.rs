@@ -263,20 +263,60 @@ impl SmtpClient {
         s
     }
 
-    /// EHLO, MAIL, RCPTs, DATA with `body` (dot-stuffed here), returns the final reply.
+    /// MAIL, RCPTs, DATA with `body` (dot-stuffed here), returns the final reply.
     pub fn send_mail(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> String {
-        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
-        assert!(r.starts_with("250"), "MAIL: {r}");
-        for t in rcpts {
-            let r = self.cmd(&format!("RCPT TO:<{t}>"));
-            assert!(r.starts_with("250"), "RCPT {t}: {r}");
-        }
-        let r = self.cmd("DATA");
-        assert!(r.starts_with("354"), "DATA: {r}");
-        self.send(&dot_stuff(body));
-        self.send(b".\r\n");
-        self.read_reply()
+        send_mail_via(self, from, rcpts, body)
     }
+}
+
+/// What a test client speaks, plain or inside TLS: enough for [`send_mail_via`].
+pub trait SmtpTalk {
+    /// Sends one command line and returns the full reply.
+    fn cmd(&mut self, line: &str) -> String;
+    /// Sends raw bytes.
+    fn send(&mut self, bytes: &[u8]);
+    /// Reads one (possibly multi-line) reply.
+    fn read_reply(&mut self) -> String;
+}
+
+impl SmtpTalk for SmtpClient {
+    fn cmd(&mut self, line: &str) -> String {
+        SmtpClient::cmd(self, line)
+    }
+    fn send(&mut self, bytes: &[u8]) {
+        SmtpClient::send(self, bytes)
+    }
+    fn read_reply(&mut self) -> String {
+        SmtpClient::read_reply(self)
+    }
+}
+
+impl SmtpTalk for TlsSmtpClient {
+    fn cmd(&mut self, line: &str) -> String {
+        TlsSmtpClient::cmd(self, line)
+    }
+    fn send(&mut self, bytes: &[u8]) {
+        TlsSmtpClient::send(self, bytes)
+    }
+    fn read_reply(&mut self) -> String {
+        TlsSmtpClient::read_reply(self)
+    }
+}
+
+/// MAIL, RCPTs (each must get 250), DATA (354), the dot-stuffed `body` and the terminator;
+/// returns the final reply.
+pub fn send_mail_via(c: &mut impl SmtpTalk, from: &str, rcpts: &[&str], body: &[u8]) -> String {
+    let r = c.cmd(&format!("MAIL FROM:<{from}>"));
+    assert!(r.starts_with("250"), "MAIL: {r}");
+    for t in rcpts {
+        let r = c.cmd(&format!("RCPT TO:<{t}>"));
+        assert!(r.starts_with("250"), "RCPT {t}: {r}");
+    }
+    let r = c.cmd("DATA");
+    assert!(r.starts_with("354"), "DATA: {r}");
+    c.send(&dot_stuff(body));
+    c.send(b".\r\n");
+    c.read_reply()
 }
 
 /// Dot-stuffs a CRLF message and makes sure it ends with CRLF.
@@ -1706,19 +1746,9 @@ impl TlsSmtpClient {
         (String::from_utf8_lossy(&s).into_owned(), t0.elapsed())
     }
 
-    /// EHLO, MAIL, RCPTs, DATA with `body` (dot-stuffed here); returns the final reply.
+    /// MAIL, RCPTs, DATA with `body` (dot-stuffed here); returns the final reply.
     pub fn send_mail(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> String {
-        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
-        assert!(r.starts_with("250"), "MAIL: {r}");
-        for t in rcpts {
-            let r = self.cmd(&format!("RCPT TO:<{t}>"));
-            assert!(r.starts_with("250"), "RCPT {t}: {r}");
-        }
-        let r = self.cmd("DATA");
-        assert!(r.starts_with("354"), "DATA: {r}");
-        self.send(&dot_stuff(body));
-        self.send(b".\r\n");
-        self.read_reply()
+        send_mail_via(self, from, rcpts, body)
     }
 }
 
