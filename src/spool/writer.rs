@@ -220,6 +220,10 @@ impl SpoolWriter {
 /// one at a time, so a new batch does not wait for the previous batch's sync to finish.
 const CONCURRENT_SYNCS: u64 = 8;
 
+/// Largest write that consecutive records of a batch are merged into (a bigger record is
+/// written alone, without a copy).
+const COALESCE_LIMIT: usize = 1 << 20;
+
 struct Flusher {
     inner: Rc<Inner>,
     dir: PathBuf,
@@ -365,19 +369,48 @@ struct Written {
 async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
     let mut results: Vec<Written> = Vec::with_capacity(placed.len());
     let mut touched: Vec<Rc<SegFile>> = Vec::new();
-    for p in placed {
-        let res = write_all(&p.file.file, p.record, p.loc.offset).await;
-        if res.is_ok() && !touched.iter().any(|f| Rc::ptr_eq(f, &p.file)) {
-            touched.push(p.file.clone());
+    let mut placed = placed.into_iter().peekable();
+    while let Some(first) = placed.next() {
+        // Records placed one after another in the same file go out in one write: each write
+        // of a buffered file is a trip through the kernel's io-wq thread pool, so a batch of
+        // n records costs one trip instead of n.
+        let mut run = vec![first];
+        let mut run_len = run[0].record.len();
+        while let Some(next) = placed.peek() {
+            let last = &run[run.len() - 1];
+            let contiguous =
+                Rc::ptr_eq(&next.file, &last.file) && next.loc.offset == last.loc.offset + u64::from(last.loc.len);
+            if !contiguous || run_len + next.record.len() > COALESCE_LIMIT {
+                break;
+            }
+            run_len += next.record.len();
+            run.push(placed.next().expect("peeked"));
         }
-        results.push(Written {
-            done: p.done,
-            loc: p.loc,
-            parts: p.parts,
-            file: p.file,
-            failures_at_place: p.failures_at_place,
-            result: res,
-        });
+        let file = run[0].file.clone();
+        let offset = run[0].loc.offset;
+        let buf = if run.len() == 1 {
+            std::mem::take(&mut run[0].record)
+        } else {
+            let mut buf = Vec::with_capacity(run_len);
+            for p in &run {
+                buf.extend_from_slice(&p.record);
+            }
+            buf
+        };
+        let res = write_all(&file.file, buf, offset).await;
+        if res.is_ok() && !touched.iter().any(|f| Rc::ptr_eq(f, &file)) {
+            touched.push(file.clone());
+        }
+        for p in run {
+            results.push(Written {
+                done: p.done,
+                loc: p.loc,
+                parts: p.parts,
+                file: p.file,
+                failures_at_place: p.failures_at_place,
+                result: res.clone(),
+            });
+        }
     }
     for file in touched {
         if let Err(e) = file.file.fdatasync().await {
