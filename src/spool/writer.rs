@@ -72,6 +72,9 @@ struct Active {
     id: SegmentId,
     file: Rc<SegFile>,
     pos: u64,
+    /// The zero-fill in flight, if any: where it starts and its task. No record is placed at or
+    /// past that offset until it has finished, so zeros never land on a record.
+    zero_fill: Option<(u64, glommio::task::JoinHandle<()>)>,
 }
 
 /// A segment being appended to, and how many of its syncs have failed.
@@ -84,6 +87,53 @@ struct Active {
 struct SegFile {
     file: BufferedFile,
     sync_failures: Cell<u64>,
+    /// End of the zero-filled, synced region that started at the first fill (see
+    /// [`ZeroFill`]); 0 until one finished.
+    zeroed: Cell<u64>,
+    /// A zero-fill task is running on this file.
+    zero_busy: Cell<bool>,
+}
+
+/// Zero-filling ahead of the append position.
+///
+/// `fallocate` reserves a segment's blocks as *unwritten* extents. The first write into such an
+/// extent converts it, so the `fdatasync` that acknowledges a batch there must also write the
+/// inode's extent metadata: measured on this project's machines (ext4 on a virtio disk), 245 us
+/// and 63 us of CPU per sync against 160 us and 42 us for an overwrite of blocks already
+/// written. So a background task writes zeros a little ahead of the append position and syncs
+/// them once (one metadata write per chunk instead of one per batch), the way databases
+/// pre-fill their write-ahead logs. It costs writing each block twice; acknowledged records are
+/// never touched: a record is placed in a region only after any fill there has finished, and a
+/// fill starts at or past the append position.
+#[derive(Debug, Clone, Copy)]
+struct ZeroFill {
+    /// Room left between the append position and a new fill, so that commits arriving while
+    /// it runs do not wait for it.
+    gap: u64,
+    /// Bytes zeroed (and synced) by one fill.
+    chunk: u64,
+    /// A new fill starts once the zeroed region ends less than this far ahead.
+    ahead: u64,
+}
+
+impl ZeroFill {
+    fn for_segment(size: u64) -> ZeroFill {
+        ZeroFill {
+            gap: (256 << 10).min(size / 8),
+            chunk: (1 << 20).min(size / 4).max(1),
+            ahead: (4 << 20).min(size / 2),
+        }
+    }
+
+    /// The region to fill next, if one is due: `[start, end)` with `start >= pos`.
+    fn next(&self, pos: u64, zeroed: u64, size: u64) -> Option<(u64, u64)> {
+        if zeroed >= pos + self.ahead {
+            return None;
+        }
+        let start = zeroed.max(pos + self.gap);
+        let end = (start + self.chunk).min(size);
+        (start < end).then_some((start, end))
+    }
 }
 
 /// Live-message accounting per segment, owned by one shard. A segment is removed when its last
@@ -184,6 +234,7 @@ impl SpoolWriter {
             ids: RefCell::new(IdGen::new(shard)),
             active: RefCell::new(None),
             table,
+            zero_fill: ZeroFill::for_segment(segment_size),
         };
         let handle = glommio::spawn_local(flusher.run(ring)).detach();
         *inner.flusher.borrow_mut() = Some(handle);
@@ -230,6 +281,7 @@ struct Flusher {
     ids: RefCell<IdGen>,
     active: RefCell<Option<Active>>,
     table: Rc<SegmentTable>,
+    zero_fill: ZeroFill,
 }
 
 /// A record with its place assigned, ready to be written.
@@ -295,9 +347,12 @@ impl Flusher {
         tracing::debug!(segment = %id.file_name(), "new spool segment");
         Ok(Active {
             id,
+            zero_fill: None,
             file: Rc::new(SegFile {
                 file,
                 sync_failures: Cell::new(0),
+                zeroed: Cell::new(0),
+                zero_busy: Cell::new(false),
             }),
             pos: 0,
         })
@@ -330,6 +385,18 @@ impl Flusher {
                     }
                 }
             }
+            // Never place a record where a zero-fill may still write.
+            let fill = {
+                let mut active = self.active.borrow_mut();
+                let a = active.as_mut().expect("active segment set above");
+                match &a.zero_fill {
+                    Some((start, _)) if a.pos + len > *start => a.zero_fill.take(),
+                    _ => None,
+                }
+            };
+            if let Some((_, task)) = fill {
+                task.await;
+            }
             let mut active = self.active.borrow_mut();
             let a = active.as_mut().expect("active segment set above");
             let loc = Location {
@@ -348,7 +415,52 @@ impl Flusher {
                 done: p.done,
             });
         }
+        self.fill_ahead();
         placed
+    }
+
+    /// Starts the next zero-fill of the active segment when one is due and none is running.
+    fn fill_ahead(&self) {
+        let mut active = self.active.borrow_mut();
+        let Some(a) = active.as_mut() else { return };
+        if a.file.zero_busy.get() || a.file.sync_failures.get() > 0 {
+            return;
+        }
+        let Some((start, end)) = self.zero_fill.next(a.pos, a.file.zeroed.get(), self.inner.segment_size) else {
+            a.zero_fill = None;
+            return;
+        };
+        let file = a.file.clone();
+        file.zero_busy.set(true);
+        let task = glommio::spawn_local(async move {
+            zero_fill(&file, start, end).await;
+            file.zero_busy.set(false);
+        })
+        .detach();
+        a.zero_fill = Some((start, task));
+    }
+}
+
+/// Writes zeros over `[start, end)` of a segment and syncs them (see [`ZeroFill`]). A failure
+/// only costs speed, except a failed sync, which is counted like a batch's: it may have taken
+/// a writeback error that a batch's sync would otherwise have seen.
+async fn zero_fill(file: &SegFile, start: u64, end: u64) {
+    const ZEROS: usize = 256 << 10;
+    let mut at = start;
+    while at < end {
+        let n = ((end - at) as usize).min(ZEROS);
+        if let Err(e) = write_all(&file.file, vec![0u8; n], at).await {
+            tracing::warn!(error = %e, "zero-filling a spool segment failed; appends there stay slower");
+            return;
+        }
+        at += n as u64;
+    }
+    match file.file.fdatasync().await {
+        Ok(()) => file.zeroed.set(file.zeroed.get().max(end)),
+        Err(e) => {
+            file.sync_failures.set(file.sync_failures.get() + 1);
+            tracing::error!(error = %SpoolError::from(e), "spool fdatasync failed while zero-filling; the segment is retired");
+        }
     }
 }
 
