@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real third-party peers the test suite talks to (Debian/Ubuntu, as root or with
 # sudo): dnsmasq (MX records), Postfix's smtp-sink/smtp-source, fetchmail and msmtp (ETRN
-# clients), swaks. Leaves no daemon running: the tests start what they need on loopback.
+# clients), swaks with its TLS modules, filefrag. Leaves no daemon running: the tests start
+# what they need on loopback.
 set -euo pipefail
 need=()
 have() { [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ] || command -v "$1" >/dev/null 2>&1; }
@@ -10,6 +11,9 @@ have smtp-sink  || need+=(postfix)
 have fetchmail  || need+=(fetchmail)
 have msmtp      || need+=(msmtp)
 have swaks      || need+=(swaks)
+# swaks --tls needs Net::SSLeay (only a Recommends of swaks, which --no-install-recommends skips).
+perl -MNet::SSLeay -MIO::Socket::SSL -e1 2>/dev/null || need+=(libnet-ssleay-perl libio-socket-ssl-perl)
+have filefrag   || need+=(e2fsprogs)   # FIEMAP extent flags in the spool zero-fill test
 if [ ${#need[@]} -eq 0 ]; then
   echo "test peers already installed"
   exit 0
