@@ -81,6 +81,9 @@ pub(super) struct Run {
     pub len: usize,
     /// Whether any taken octet has the high bit set.
     pub eight_bit: bool,
+    /// The masks of the block the rule refused (the one at `len`), if the run ended that way
+    /// rather than at the end of the input or of `max_blocks`.
+    pub refused: Option<Masks>,
 }
 
 /// A SIMD instruction set this CPU has been checked to support.
@@ -168,7 +171,7 @@ fn has_avx2() -> bool {
 
 /// Classifies the consecutive blocks of `input` from its start (at most `max_blocks` of them,
 /// never a partial one), offering each block's masks to `rule` in order, and appends every
-/// block `rule` takes to `out`. Stops at the first block refused.
+/// block `rule` takes to `out`. Stops at the first block refused, whose masks it returns.
 pub(super) fn take_blocks<R: BlockRule>(
     simd: Simd,
     input: &[u8],
@@ -361,10 +364,22 @@ mod x86 {
         }
     }
 
+    /// What one [`pass`] did.
+    struct Pass<L> {
+        /// Blocks taken.
+        taken: usize,
+        /// The OR of the blocks taken (for the 8-bit check).
+        high: L,
+        /// The masks of the block refused, if one was.
+        refused: Option<Masks>,
+        /// Without `NUL`: whether any block offered (the refused one too) had a NUL octet. The
+        /// masks' `nul` was left 0, which is only true if this is false.
+        saw_nul: bool,
+    }
+
     /// One pass over `blocks` blocks from `src`: offers each to `rule`, stores each taken one
-    /// at `dst`. Returns how many were taken, the OR of the taken blocks (for the 8-bit check)
-    /// and, when not `NUL`, whether any block offered had a NUL octet; without `NUL` the masks'
-    /// `nul` is left 0, which is then only true if that flag is false.
+    /// at `dst`. With `NUL` the masks are exact; without, their `nul` is left 0 and the pass
+    /// notes whether that was wrong.
     ///
     /// # Safety
     ///
@@ -376,12 +391,13 @@ mod x86 {
         dst: *mut u8,
         blocks: usize,
         rule: &mut R,
-    ) -> (usize, L, bool) {
+    ) -> Pass<L> {
         // SAFETY (all `Lanes` calls): the caller guarantees the features; every load and store
         // is at block `k < blocks`, inside what the caller guarantees.
         unsafe {
             let mut high = L::zero();
             let mut low = L::ones();
+            let mut refused = None;
             let mut k = 0;
             // Two blocks a step (the second's minimum counts even if the first is refused,
             // which at worst makes a pass be done again for nothing).
@@ -392,7 +408,9 @@ mod x86 {
                         low = low.min(pair[0].min(pair[1]));
                     }
                     for v in pair {
-                        if !rule.take(v.masks::<NUL>()) {
+                        let m = v.masks::<NUL>();
+                        if !rule.take(m) {
+                            refused = Some(m);
                             break 'run;
                         }
                         high = high.or(v);
@@ -405,14 +423,22 @@ mod x86 {
                     if !NUL {
                         low = low.min(v);
                     }
-                    if rule.take(v.masks::<NUL>()) {
+                    let m = v.masks::<NUL>();
+                    if rule.take(m) {
                         high = high.or(v);
                         v.store(dst.add(k * BLOCK));
                         k += 1;
+                    } else {
+                        refused = Some(m);
                     }
                 }
             }
-            (k, high, !NUL && low.any_zero())
+            Pass {
+                taken: k,
+                high,
+                refused,
+                saw_nul: !NUL && low.any_zero(),
+            }
         }
     }
 
@@ -435,30 +461,31 @@ mod x86 {
         // SAFETY: the caller guarantees the features.
         let mut high = unsafe { L::zero() };
         let mut taken = 0;
+        let mut refused = None;
         while taken < blocks {
             let window = (blocks - taken).min(WINDOW);
             out.reserve(window * BLOCK);
             let dst = out.spare_capacity_mut().as_mut_ptr().cast::<u8>();
             // SAFETY: `taken + window <= blocks <= input.len() / 64`, so the window's blocks
             // are inside `input`; `window * 64` octets of spare capacity were just reserved.
-            let (k, h) = unsafe {
+            let p = unsafe {
                 let src = input.as_ptr().add(taken * BLOCK);
                 let before = r;
-                match pass::<L, R, false>(src, dst, window, &mut r) {
-                    (_, _, true) => {
-                        r = before;
-                        let (k, h, _) = pass::<L, R, true>(src, dst, window, &mut r);
-                        (k, h)
-                    }
-                    (k, h, false) => (k, h),
+                let p = pass::<L, R, false>(src, dst, window, &mut r);
+                if p.saw_nul {
+                    r = before;
+                    pass::<L, R, true>(src, dst, window, &mut r)
+                } else {
+                    p
                 }
             };
             // SAFETY: the features, as above.
-            high = unsafe { high.or(h) };
-            // SAFETY: the `k * 64` octets after the old length were just written (initialised).
-            unsafe { out.set_len(out.len() + k * BLOCK) };
-            taken += k;
-            if k < window {
+            high = unsafe { high.or(p.high) };
+            // SAFETY: the `taken * 64` octets after the old length were just written.
+            unsafe { out.set_len(out.len() + p.taken * BLOCK) };
+            taken += p.taken;
+            if p.refused.is_some() {
+                refused = p.refused;
                 break;
             }
         }
@@ -467,6 +494,7 @@ mod x86 {
             len: taken * BLOCK,
             // SAFETY: the features, as above.
             eight_bit: unsafe { high.any_high() },
+            refused,
         }
     }
 
@@ -621,11 +649,14 @@ mod tests {
                 };
                 let mut out = prefix.clone();
                 let run = take_blocks(k, &input, max_blocks, &mut rule, &mut out);
+                let want_refused = (taken == refuse_at && taken < blocks.len().min(max_blocks))
+                    .then(|| classify_scalar(blocks[taken].try_into().expect("64 octets")));
                 assert_eq!(
                     run,
                     Run {
                         len: want_len,
-                        eight_bit: want_eight
+                        eight_bit: want_eight,
+                        refused: want_refused,
                     },
                     "{k:?}"
                 );
