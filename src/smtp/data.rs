@@ -331,9 +331,9 @@ impl DataReceiver {
 #[derive(Clone, Copy)]
 struct CleanBlocks {
     max_line: usize,
-    /// Octets the current line may still take, its LF included: `max_line` minus the line's
-    /// length so far as the state machine counts it (CR and LF included, a stuffed dot not).
-    room: usize,
+    /// The current line's length so far, as the state machine counts it (CR and LF included,
+    /// a stuffed dot not).
+    line_len: usize,
     /// The previous block's CR mask (only bit 63 matters: a CR at the end of the last block
     /// taken needs an LF at the start of this one). 0 before the first block.
     prev_cr: u64,
@@ -346,7 +346,7 @@ impl CleanBlocks {
     fn new(max_line: usize, line_len: usize, line_start: bool) -> CleanBlocks {
         CleanBlocks {
             max_line,
-            room: max_line.saturating_sub(line_len),
+            line_len,
             prev_cr: 0,
             prev_lf: u64::from(line_start) << 63,
         }
@@ -366,7 +366,7 @@ impl CleanBlocks {
         let before = (1u64 << dot) - 1;
         // A dot after offset 0 is preceded by the LF that ends the line running in (or one
         // after it).
-        let run_in_fits = dot == 0 || (m.lf.trailing_zeros() as usize) < self.room;
+        let run_in_fits = dot == 0 || self.line_len + (m.lf.trailing_zeros() as usize) < self.max_line;
         ((bare | m.nul) & before == 0 && run_in_fits).then_some(dot as usize)
     }
 
@@ -379,7 +379,7 @@ impl CleanBlocks {
         } else {
             State::Text
         };
-        (state, self.max_line - self.room)
+        (state, self.line_len)
     }
 }
 
@@ -389,17 +389,18 @@ impl BlockRule for CleanBlocks {
         // Where a CR is, an LF must be one octet later, and nowhere else.
         let bare = m.lf ^ (m.cr << 1 | self.prev_cr >> 63);
         let starts = m.lf << 1 | self.prev_lf >> 63;
-        // The current line ends at the first LF (64: not in this block).
-        let first_lf = m.lf.trailing_zeros() as usize;
-        if bare | (m.dot & starts) | m.nul != 0 || first_lf >= self.room {
+        // The current line ends at the first LF (offset 64: not in this block); with that LF
+        // it is `reach + 1` octets long.
+        let reach = self.line_len + m.lf.trailing_zeros() as usize;
+        if bare | (m.dot & starts) | m.nul != 0 || reach >= self.max_line {
             return false;
         }
-        // No LF: 64 more octets of the same line (room > 64, checked above). Else the last
-        // line starts after the last LF and has `leading_zeros` octets so far (< 64 <= max_line).
-        self.room = if m.lf == 0 {
-            self.room - BLOCK
+        // No LF: 64 more octets of the same line. Else the last line starts after the last LF
+        // and has `leading_zeros` octets so far (< 64 <= max_line).
+        self.line_len = if m.lf == 0 {
+            self.line_len + BLOCK
         } else {
-            self.max_line - m.lf.leading_zeros() as usize
+            m.lf.leading_zeros() as usize
         };
         self.prev_cr = m.cr;
         self.prev_lf = m.lf;
