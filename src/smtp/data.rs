@@ -872,7 +872,15 @@ mod fast_path {
             let mut wire = clean_wire(&mut rng, len, max_line, i % 3 == 0);
             let (content, _) = reference_unstuff(&[&wire[..], b".\r\n"].concat()).expect("terminated");
             wire.extend_from_slice(b".\r\n");
+            let end = wire.len();
             wire.extend_from_slice(AFTER);
+            // The default path (the fast one on this CPU, if it has AVX2) gives the reference's
+            // output, exactly at the limits.
+            let mut d = DataReceiver::new(content.len(), max_line);
+            let mut out = Vec::new();
+            assert_eq!(d.feed(&wire, &mut out), Feed::Done(end));
+            assert_eq!((d.error(), d.size()), (None, content.len()));
+            assert!(out == content);
             check(&mut rng, &wire, content.len(), max_line);
             // The same message, cut before its terminator.
             let cut = rng.usize(0..content.len());
