@@ -9,6 +9,14 @@
 //! Policy (like Postfix's `smtpd_forbid_bare_newline = normalize`'s stricter sibling): a bare LF
 //! or bare CR anywhere in the message rejects it (550 5.5.2 in the session), as do NUL octets and
 //! text lines longer than the limit. The bytes of a rejected message are discarded.
+//!
+//! Speed: the byte-level state machine (`feed_scalar`) is the definition of all of the above.
+//! On x86-64 with AVX2 or AVX-512BW, and a line limit of at least 64, `feed` first tries a fast
+//! path that classifies 64-octet blocks with SIMD (`classify`, where all the unsafe code is)
+//! and takes whole the blocks in which the state machine would only append and count: plain
+//! text with CRLF line ends. Dot-stuffed lines are cut out there too; the terminator, bare CR
+//! or LF, NUL, a limit reached and everything after an error go through the state machine,
+//! which gives the same result however its input is split, so the verdict cannot change.
 
 /// What was wrong with a message; reported after the terminator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -89,7 +89,7 @@ pub(super) struct Run {
 /// A SIMD instruction set this CPU has been checked to support.
 ///
 /// The field is private: the only way to get a value is [`Simd::detect`] (or, in tests,
-/// [`Simd::available`]), which is what makes calling the `#[target_feature]` code sound.
+/// `Simd::available`), which is what makes calling the `#[target_feature]` code sound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Simd(Isa);
 
