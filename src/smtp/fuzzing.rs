@@ -615,6 +615,52 @@ mod tests {
         v
     }
 
+    /// A long DATA input: 1-6 KiB of CRLF text lines (some dot-stuffed, some 8-bit) with the
+    /// odd piece from `data_input`'s list, limits that leave the fast path of [`DataReceiver`]
+    /// on (it needs whole 64-octet blocks and a line limit of at least 64) most of the time.
+    fn long_data_input(rng: &mut fastrand::Rng) -> Vec<u8> {
+        let p0 = if rng.u8(0..4) == 0 {
+            rng.u8(..)
+        } else {
+            0x80 | rng.u8(..)
+        };
+        let p1 = [0x80, 62, 63, rng.u8(..)][rng.usize(0..4)];
+        let mut v = vec![p0, p1];
+        let pieces: [&[u8]; 9] = [
+            b"\r",
+            b"\n",
+            b"\0",
+            b"\xc3\xa9",
+            b"\r\n.",
+            b"..",
+            b"\r\n.\r\n",
+            b".\r",
+            b"\n.\r\n",
+        ];
+        let target = rng.usize(1000..6000);
+        let one_in = rng.u8(20..200);
+        while v.len() < target {
+            if rng.u8(0..one_in) == 0 {
+                v.extend_from_slice(pieces[rng.usize(0..pieces.len())]);
+                continue;
+            }
+            if rng.u8(0..10) == 0 {
+                v.extend_from_slice(b"..");
+            }
+            let n = rng.usize(0..70);
+            v.extend((0..n).map(|_| match rng.u8(0..50) {
+                0 => rng.u8(0x80..),
+                1..=3 => b'.',
+                _ => rng.u8(0x20..0x7f),
+            }));
+            v.extend_from_slice(b"\r\n");
+        }
+        if rng.u8(0..4) != 0 {
+            v.extend_from_slice(b".\r\nQUIT\r\n");
+        }
+        v
+    }
+
     #[test]
     fn command_fuzz_target_on_100k_inputs() {
         let t0 = Instant::now();
@@ -636,6 +682,16 @@ mod tests {
             fuzz_data(&data_input(&mut rng));
         }
         eprintln!("data_state_machine: {ITERATIONS} inputs in {:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn data_fuzz_target_on_long_inputs() {
+        let t0 = Instant::now();
+        let mut rng = fastrand::Rng::with_seed(0x10_9da7a);
+        for _ in 0..1000 {
+            fuzz_data(&long_data_input(&mut rng));
+        }
+        eprintln!("data_state_machine: 1000 long inputs in {:?}", t0.elapsed());
     }
 
     #[test]
