@@ -257,7 +257,9 @@ impl DataReceiver {
                     self.line_len = 0;
                     if input[i] == b'.' {
                         self.state = State::Dot;
-                        self.line_len = 1; // the stuffed dot counts toward the line limit
+                        // Counted only if ".\r" turns out to be content (a bare CR); a
+                        // transparency dot is not (RFC 5321 4.5.3.1.6): Dot -> Text resets it.
+                        self.line_len = 1;
                         i += 1;
                     } else {
                         self.state = State::Text;

@@ -86,6 +86,9 @@ struct Active {
 /// sync is not appended to again.
 struct SegFile {
     file: BufferedFile,
+    /// A second handle for zero-filling: a writeback error is reported once per open file, so
+    /// the fill's own `fdatasync` must not be the one that takes an error meant for a batch's.
+    filler: BufferedFile,
     sync_failures: Cell<u64>,
     /// End of the zero-filled, synced region that started at the first fill (see
     /// [`ZeroFill`]); 0 until one finished.
@@ -235,6 +238,7 @@ impl SpoolWriter {
             active: RefCell::new(None),
             table,
             zero_fill: ZeroFill::for_segment(segment_size),
+            fills: Rc::new(glommio::sync::Semaphore::new(1)),
         };
         let handle = glommio::spawn_local(flusher.run(ring)).detach();
         *inner.flusher.borrow_mut() = Some(handle);
@@ -282,6 +286,8 @@ struct Flusher {
     active: RefCell<Option<Active>>,
     table: Rc<SegmentTable>,
     zero_fill: ZeroFill,
+    /// One permit: held by the running zero-fill.
+    fills: Rc<glommio::sync::Semaphore>,
 }
 
 /// A record with its place assigned, ready to be written.
@@ -319,8 +325,9 @@ impl Flusher {
                 break;
             }
         }
-        // Let in-flight syncs finish before the writer goes away.
+        // Let in-flight syncs and any zero-fill finish before the writer goes away.
         let _ = syncs.acquire(CONCURRENT_SYNCS).await;
+        let _ = this.fills.acquire(1).await;
     }
 
     async fn new_segment(&self) -> Result<Active, SpoolError> {
@@ -339,6 +346,14 @@ impl Flusher {
             let _ = glommio::io::remove(&path).await;
             return Err(e.into());
         }
+        let filler = match OpenOptions::new().write(true).buffered_open(&path).await {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = file.close().await;
+                let _ = glommio::io::remove(&path).await;
+                return Err(e.into());
+            }
+        };
         // The new name must survive a crash before any record in it is acknowledged.
         let dir = Directory::open(&self.dir).await?;
         dir.sync().await?;
@@ -350,6 +365,7 @@ impl Flusher {
             zero_fill: None,
             file: Rc::new(SegFile {
                 file,
+                filler,
                 sync_failures: Cell::new(0),
                 zeroed: Cell::new(0),
                 zero_busy: Cell::new(false),
@@ -363,39 +379,46 @@ impl Flusher {
     /// before any write, so the segment cannot be sealed and removed under the batch.
     async fn place(&self, batch: Vec<Pending>) -> Vec<Placed> {
         let mut placed = Vec::with_capacity(batch.len());
-        for p in batch {
+        'records: for p in batch {
             let len = p.record.len() as u64;
-            let need_new = match &*self.active.borrow() {
-                None => true,
-                Some(a) => (a.pos > 0 && a.pos + len > self.inner.segment_size) || a.file.sync_failures.get() > 0,
-            };
-            if need_new {
-                let old = self.active.borrow_mut().take();
-                if let Some(old) = old {
-                    if self.table.seal(old.id) {
-                        self.table.remove(old.id).await;
+            // Waiting for a zero-fill is a suspension point during which a sync of the segment
+            // can fail, so the segment is checked again after every wait.
+            loop {
+                let need_new = match &*self.active.borrow() {
+                    None => true,
+                    Some(a) => (a.pos > 0 && a.pos + len > self.inner.segment_size) || a.file.sync_failures.get() > 0,
+                };
+                if need_new {
+                    let old = self.active.borrow_mut().take();
+                    if let Some(old) = old {
+                        if self.table.seal(old.id) {
+                            self.table.remove(old.id).await;
+                        }
+                    }
+                    match self.new_segment().await {
+                        Ok(a) => *self.active.borrow_mut() = Some(a),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot create spool segment");
+                            let _ = p.done.try_send(Err(e));
+                            continue 'records;
+                        }
                     }
                 }
-                match self.new_segment().await {
-                    Ok(a) => *self.active.borrow_mut() = Some(a),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot create spool segment");
-                        let _ = p.done.try_send(Err(e));
-                        continue;
+                // Never place a record where a zero-fill may still write.
+                let fill = {
+                    let mut active = self.active.borrow_mut();
+                    let a = active.as_mut().expect("active segment set above");
+                    match &a.zero_fill {
+                        Some((start, _)) if a.pos + len > *start => a.zero_fill.take(),
+                        _ => None,
                     }
+                };
+                match fill {
+                    Some((_, task)) => {
+                        task.await;
+                    }
+                    None => break,
                 }
-            }
-            // Never place a record where a zero-fill may still write.
-            let fill = {
-                let mut active = self.active.borrow_mut();
-                let a = active.as_mut().expect("active segment set above");
-                match &a.zero_fill {
-                    Some((start, _)) if a.pos + len > *start => a.zero_fill.take(),
-                    _ => None,
-                }
-            };
-            if let Some((_, task)) = fill {
-                task.await;
             }
             let mut active = self.active.borrow_mut();
             let a = active.as_mut().expect("active segment set above");
@@ -430,11 +453,17 @@ impl Flusher {
             a.zero_fill = None;
             return;
         };
+        // One fill at a time per shard (one of a rotated segment may still run); `run` waits
+        // for it before the writer goes away.
+        let Ok(permit) = self.fills.try_acquire_static_permit(1) else {
+            return;
+        };
         let file = a.file.clone();
         file.zero_busy.set(true);
         let task = glommio::spawn_local(async move {
             zero_fill(&file, start, end).await;
             file.zero_busy.set(false);
+            drop(permit);
         })
         .detach();
         a.zero_fill = Some((start, task));
@@ -449,13 +478,13 @@ async fn zero_fill(file: &SegFile, start: u64, end: u64) {
     let mut at = start;
     while at < end {
         let n = ((end - at) as usize).min(ZEROS);
-        if let Err(e) = write_all(&file.file, vec![0u8; n], at).await {
+        if let Err(e) = write_all(&file.filler, vec![0u8; n], at).await {
             tracing::warn!(error = %e, "zero-filling a spool segment failed; appends there stay slower");
             return;
         }
         at += n as u64;
     }
-    match file.file.fdatasync().await {
+    match file.filler.fdatasync().await {
         Ok(()) => file.zeroed.set(file.zeroed.get().max(end)),
         Err(e) => {
             file.sync_failures.set(file.sync_failures.get() + 1);
@@ -464,10 +493,6 @@ async fn zero_fill(file: &SegFile, start: u64, end: u64) {
     }
 }
 
-/// Writes a placed batch, syncs each file it touched once, then answers every waiter. A record
-/// whose write or sync failed is answered with the error and its parts are taken back; its
-/// bytes stay in the segment unacknowledged (recovery only sees them if they are intact, in
-/// which case the message is delivered: at-least-once).
 /// A placed record after its write: what to answer and whom.
 struct Written {
     done: Waiter,
@@ -478,6 +503,10 @@ struct Written {
     result: Result<(), SpoolError>,
 }
 
+/// Writes a placed batch, syncs each file it touched once, then answers every waiter. A record
+/// whose write or sync failed is answered with the error and its parts are taken back; its
+/// bytes stay in the segment unacknowledged (recovery only sees them if they are intact, in
+/// which case the message is delivered: at-least-once).
 async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
     let mut results: Vec<Written> = Vec::with_capacity(placed.len());
     let mut touched: Vec<Rc<SegFile>> = Vec::new();
