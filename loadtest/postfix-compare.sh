@@ -8,7 +8,8 @@
 #           etrnsmtp transport -> the peers' smtp-sink on 127.0.0.1:2626).
 # Needs the peers of shared/peers/setup.sh, installed and started (`setup.sh install`, `start`):
 # Postfix on 127.0.0.1:2525, smtp-sink -c on :2626 (run/sink.out), smtp-sink on :2727, DNS on :5353.
-# Usage: loadtest/postfix-compare.sh [A=20000] [F=10000] [ROUNDS=3]   (BIN= overrides the relay)
+# Usage: loadtest/postfix-compare.sh [A=20000] [F=10000] [ROUNDS=3]   (BIN= overrides the relay;
+# A=0 skips the accept rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=${1:-20000}; F=${2:-10000}; ROUNDS=${3:-3}
@@ -70,7 +71,7 @@ EOF
 
 echo "# machine: $(nproc) CPUs, $(uname -r); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# accept: smtp-source -s 20 -m $A -l 1024 (a new connection per message)"
-for r in $(seq 1 "$ROUNDS"); do
+for r in $(seq 1 "$([ "$A" -gt 0 ] && echo "$ROUNDS" || echo 0)"); do
   start_relay
   s=$(now); $SRC -s 20 -m "$A" -l 1024 -f sender@client.test -t user@node1.test "127.0.0.1:$RPORT"; e=$(now)
   relay=$(rate "$A" "$s" "$e"); stop_relay
