@@ -70,32 +70,49 @@ fn wait_queue_empty(relay: &Relay, nodes: &[&str]) {
     });
 }
 
-#[test]
-fn acknowledged_mail_survives_kill9_and_is_delivered_exactly_once() {
-    let servers = NodeServers::start(&["node1.test"], SINK_IP);
-    let rest = format!("{}{}", servers.config(), node_config(&["node1.test"]));
-    let relay = Relay::start("shards = 2", "", &rest);
-    // 50 messages over 5 concurrent connections (group commit), each acknowledged with 250.
-    let ids: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..5)
+/// `conns` connections at once, each sending `per_conn` messages of `lines` lines to
+/// x@node1.test, tagged `tag(connection, message)`; every one must get a 250. Returns (tag,
+/// queue id) pairs.
+fn send_concurrently(
+    relay: &Relay,
+    conns: usize,
+    per_conn: usize,
+    lines: usize,
+    tag: impl Fn(usize, usize) -> String + Sync,
+) -> Vec<(String, String)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..conns)
             .map(|t| {
-                let relay = &relay;
+                let tag = &tag;
                 s.spawn(move || {
                     let mut c = relay.client();
                     assert!(c.cmd("EHLO client.test").starts_with("250"));
-                    (0..10)
+                    (0..per_conn)
                         .map(|i| {
-                            let tag = format!("m{}", t * 10 + i);
-                            let r = c.send_mail("a@client.test", &["x@node1.test"], &body(&tag, 20));
+                            let tag = tag(t, i);
+                            let r = c.send_mail("a@client.test", &["x@node1.test"], &body(&tag, lines));
                             assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{tag}: {r}");
-                            queue_id(&r)
+                            let qid = queue_id(&r);
+                            (tag, qid)
                         })
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
         handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    });
+    })
+}
+
+#[test]
+fn acknowledged_mail_survives_kill9_and_is_delivered_exactly_once() {
+    let servers = NodeServers::start(&["node1.test"], SINK_IP);
+    let rest = format!("{}{}", servers.config(), node_config(&["node1.test"]));
+    let relay = Relay::start("shards = 2", "", &rest);
+    // 50 messages over 5 concurrent connections (group commit), each acknowledged with 250.
+    let ids: Vec<String> = send_concurrently(&relay, 5, 10, 20, |t, i| format!("m{}", t * 10 + i))
+        .into_iter()
+        .map(|(_, qid)| qid)
+        .collect();
     assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 50, "queue ids are unique");
     let dir = relay.into_dir(); // SIGKILL
     let relay = Relay::start_in(dir, "shards = 2", "", &rest);
@@ -551,30 +568,7 @@ fn zero_fill_ahead_writes_blocks_before_appends_and_never_touches_a_record() {
     let relay = Relay::start(top, "", &rest);
     // 8 connections at once (batches of several records, each followed by a fill) x 40
     // messages of about 4.5 KB: about 1.4 MB, so the spool rotates to a second segment.
-    let ids: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..8)
-            .map(|t| {
-                let relay = &relay;
-                s.spawn(move || {
-                    let mut c = relay.client();
-                    assert!(c.cmd("EHLO client.test").starts_with("250"));
-                    (0..40)
-                        .map(|i| {
-                            let tag = format!("z{t}-{i}");
-                            let r = c.send_mail("a@client.test", &["x@node1.test"], &body(&tag, 50));
-                            assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{tag}: {r}");
-                            (tag, queue_id(&r))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .map(|(tag, qid)| format!("{tag} {qid}"))
-            .collect()
-    });
+    let ids = send_concurrently(&relay, 8, 40, 50, |t, i| format!("z{t}-{i}"));
     let segs = relay.segment_files();
     assert!(segs.len() >= 2, "expected a rotation: {segs:?}");
     // In the segment being appended to, blocks past the last record are already written (with
@@ -598,8 +592,7 @@ fn zero_fill_ahead_writes_blocks_before_appends_and_never_touches_a_record() {
     let relay = Relay::start_in(relay.into_dir(), top, "", &rest);
     assert_eq!(relay.queued_for("node1.test"), ids.len());
     let recs = spooled_records(&relay.spool_dir());
-    for entry in &ids {
-        let (tag, qid) = entry.split_once(' ').unwrap();
+    for (tag, qid) in &ids {
         let data = String::from_utf8_lossy(&record_of(&recs, qid).data).into_owned();
         assert!(data.contains(&format!("X-Test-Id: {tag}\r\n")), "{qid}");
         assert!(data.contains(&format!("{tag} line 0049 ")), "{qid} truncated");
