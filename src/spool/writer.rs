@@ -602,20 +602,10 @@ async fn write_all(file: &BufferedFile, buf: Vec<u8>, pos: u64) -> Result<(), Sp
 
 /// Read and state-update handles for segment files, opened on demand, per shard. Segments may
 /// have been written by another shard; the files are shared through the file system.
-///
-/// State octets are written in the background: each write of a buffered file is a trip through
-/// io_uring's worker threads, and a delivery worker that waited for it before its next message
-/// flushed 10-20% fewer messages per second. [`SegmentFiles::sync`] first waits for every state
-/// write in flight, so what it syncs includes them.
 pub struct SegmentFiles {
     dir: PathBuf,
     open: RefCell<HashMap<SegmentId, Rc<BufferedFile>>>,
-    /// One unit per state write in flight; bounds them too.
-    state_writes: Rc<glommio::sync::Semaphore>,
 }
-
-/// State writes that may be in flight per shard.
-const STATE_WRITES_IN_FLIGHT: u64 = 4096;
 
 impl SegmentFiles {
     /// Handles for segments in `dir`.
@@ -623,7 +613,6 @@ impl SegmentFiles {
         SegmentFiles {
             dir,
             open: RefCell::new(HashMap::new()),
-            state_writes: Rc::new(glommio::sync::Semaphore::new(STATE_WRITES_IN_FLIGHT)),
         }
     }
 
@@ -658,51 +647,27 @@ impl SegmentFiles {
         Ok(r)
     }
 
-    /// Rewrites recipient state octets (`state_offset` is relative to the record) in the
-    /// background; returns once the writes are under way. Not synced here: call
-    /// [`SegmentFiles::sync`] after a batch. A crash before the sync, or a failed write (logged),
-    /// can only cause a redelivery.
+    /// Rewrites recipient state octets (`state_offset` is relative to the record). Not synced
+    /// here: call [`SegmentFiles::sync`] after a batch. A crash before the sync can only cause a
+    /// redelivery.
     pub async fn set_states(
         &self,
         loc: Location,
         state_offset: usize,
         updates: &[(u16, record::RcptState)],
     ) -> std::io::Result<()> {
-        if updates.is_empty() {
-            return Ok(());
-        }
         let f = self.file(loc.segment).await?;
-        let writes: Vec<(u64, u8)> = updates
-            .iter()
-            .map(|(idx, st)| (loc.offset + state_offset as u64 + u64::from(*idx), st.to_byte()))
-            .collect();
-        let permit = self
-            .state_writes
-            .acquire_static_permit(1)
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        glommio::spawn_local(async move {
-            for (pos, byte) in writes {
-                if let Err(e) = f.write_at(vec![byte], pos).await {
-                    let e = std::io::Error::from(e);
-                    tracing::error!(segment = %loc.segment.file_name(), offset = loc.offset, error = %e, "cannot record delivery state; may be delivered again after a restart");
-                    break;
-                }
-            }
-            drop(permit);
-        })
-        .detach();
+        for (idx, st) in updates {
+            let pos = loc.offset + state_offset as u64 + u64::from(*idx);
+            f.write_at(vec![st.to_byte()], pos)
+                .await
+                .map_err(std::io::Error::from)?;
+        }
         Ok(())
     }
 
-    /// Waits for the state writes in flight, then fdatasyncs a segment's state updates.
+    /// fdatasyncs a segment's state updates.
     pub async fn sync(&self, seg: SegmentId) -> std::io::Result<()> {
-        drop(
-            self.state_writes
-                .acquire_permit(STATE_WRITES_IN_FLIGHT)
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))?,
-        );
         let f = self.file(seg).await?;
         f.fdatasync().await.map_err(std::io::Error::from)
     }
