@@ -740,15 +740,7 @@ mod properties {
 #[cfg(test)]
 mod fast_path {
     use super::*;
-
-    #[derive(Debug, PartialEq, Eq)]
-    struct Outcome {
-        out: Vec<u8>,
-        done: Option<usize>,
-        error: Option<DataError>,
-        size: usize,
-        eight_bit: bool,
-    }
+    use crate::smtp::fuzzing::Outcome;
 
     fn run(
         simd: Option<Simd>,

@@ -343,14 +343,14 @@ pub fn fuzz_command(data: &[u8]) {
 
 // ---- DATA state machine -------------------------------------------------------------------------
 
-/// What feeding a whole input produced.
+/// What feeding a whole input produced (also used by the fast-path tests in `smtp::data`).
 #[derive(Debug, PartialEq, Eq)]
-struct Outcome {
-    out: Vec<u8>,
-    done: Option<usize>,
-    error: Option<DataError>,
-    size: usize,
-    eight_bit: bool,
+pub(crate) struct Outcome {
+    pub(crate) out: Vec<u8>,
+    pub(crate) done: Option<usize>,
+    pub(crate) error: Option<DataError>,
+    pub(crate) size: usize,
+    pub(crate) eight_bit: bool,
 }
 
 fn feed_in_pieces(input: &[u8], max_size: usize, max_line: usize, mut piece: impl FnMut() -> usize) -> Outcome {
