@@ -93,8 +93,6 @@ struct SegFile {
     /// End of the zero-filled, synced region that started at the first fill (see
     /// [`ZeroFill`]); 0 until one finished.
     zeroed: Cell<u64>,
-    /// A zero-fill task is running on this file.
-    zero_busy: Cell<bool>,
 }
 
 /// Zero-filling ahead of the append position.
@@ -340,13 +338,12 @@ impl Flusher {
             .buffered_open(&path)
             .await?;
         // Preallocate: disk-full shows up here, before any client is told 250, and the
-        // extents exist so appends do not have to allocate.
-        if let Err(e) = file.pre_allocate(self.inner.segment_size, false).await {
-            let _ = file.close().await;
-            let _ = glommio::io::remove(&path).await;
-            return Err(e.into());
-        }
-        let filler = match OpenOptions::new().write(true).buffered_open(&path).await {
+        // extents exist so appends do not have to allocate. Then the zero-fill's own handle.
+        let prepared = async {
+            file.pre_allocate(self.inner.segment_size, false).await?;
+            OpenOptions::new().write(true).buffered_open(&path).await
+        };
+        let filler = match prepared.await {
             Ok(f) => f,
             Err(e) => {
                 let _ = file.close().await;
@@ -368,7 +365,6 @@ impl Flusher {
                 filler,
                 sync_failures: Cell::new(0),
                 zeroed: Cell::new(0),
-                zero_busy: Cell::new(false),
             }),
             pos: 0,
         })
@@ -446,23 +442,24 @@ impl Flusher {
     fn fill_ahead(&self) {
         let mut active = self.active.borrow_mut();
         let Some(a) = active.as_mut() else { return };
-        if a.file.zero_busy.get() || a.file.sync_failures.get() > 0 {
+        if a.file.sync_failures.get() > 0 {
+            return;
+        }
+        // One fill at a time per shard (this segment's, or a rotated one's still running);
+        // `run` waits for it before the writer goes away.
+        if self.fills.available() == 0 {
             return;
         }
         let Some((start, end)) = self.zero_fill.next(a.pos, a.file.zeroed.get(), self.inner.segment_size) else {
             a.zero_fill = None;
             return;
         };
-        // One fill at a time per shard (one of a rotated segment may still run); `run` waits
-        // for it before the writer goes away.
         let Ok(permit) = self.fills.try_acquire_static_permit(1) else {
             return;
         };
         let file = a.file.clone();
-        file.zero_busy.set(true);
         let task = glommio::spawn_local(async move {
             zero_fill(&file, start, end).await;
-            file.zero_busy.set(false);
             drop(permit);
         })
         .detach();
