@@ -170,8 +170,10 @@ pub struct DnsConfig {
 pub struct DeliveryConfig {
     /// TCP port of the nodes' SMTP servers.
     pub port: u16,
-    /// Parallel connections per node during a queue run.
+    /// Most parallel connections per node during a queue run.
     pub connections_per_node: usize,
+    /// Connections a queue run starts with (slow start up to `connections_per_node`).
+    pub initial_connections: usize,
     /// Messages older than this bounce.
     pub max_age: Duration,
     /// Multiply the RFC 5321 client timeouts by this (tests use small values).
@@ -269,6 +271,7 @@ struct RawDns {
 struct RawDelivery {
     port: Option<u16>,
     connections_per_node: Option<usize>,
+    initial_connections: Option<usize>,
     max_age: Option<String>,
     timeout_scale: Option<f64>,
 }
@@ -442,10 +445,22 @@ impl Config {
             timeout: secs("dns.timeout_secs", raw.dns.timeout_secs.unwrap_or(2.0))?,
         };
         let d = raw.delivery;
-        let connections_per_node = d.connections_per_node.unwrap_or(4);
+        // Postfix's defaults: default_destination_concurrency_limit = 20,
+        // initial_destination_concurrency = 5.
+        let connections_per_node = d.connections_per_node.unwrap_or(20);
         if !(1..=64).contains(&connections_per_node) {
             return Err(invalid("delivery.connections_per_node", "between 1 and 64"));
         }
+        let initial_connections = match d.initial_connections {
+            None => connections_per_node.min(5),
+            Some(n) if (1..=connections_per_node).contains(&n) => n,
+            Some(_) => {
+                return Err(invalid(
+                    "delivery.initial_connections",
+                    format!("between 1 and connections_per_node ({connections_per_node})"),
+                ))
+            }
+        };
         let max_age = match d.max_age {
             None => Duration::from_secs(5 * 86400),
             Some(t) => parse_duration(&t)
@@ -458,6 +473,7 @@ impl Config {
         let delivery = DeliveryConfig {
             port: d.port.unwrap_or(25),
             connections_per_node,
+            initial_connections,
             max_age,
             timeout_scale,
         };
@@ -654,6 +670,38 @@ mod tests {
         assert_eq!(c.node_for_domain("deep.n2.test").unwrap().name.as_str(), "deep.n2.test");
         assert!(c.node_for_domain("xn2.test").is_none());
         assert!(c.node_for_domain("other.test").is_none());
+    }
+
+    #[test]
+    fn delivery_concurrency_defaults_and_bounds() {
+        let d = Config::from_toml("").unwrap().delivery;
+        assert_eq!(
+            (d.initial_connections, d.connections_per_node),
+            (5, 20),
+            "Postfix's defaults"
+        );
+        let d = Config::from_toml("[delivery]\nconnections_per_node = 2\n")
+            .unwrap()
+            .delivery;
+        assert_eq!(
+            (d.initial_connections, d.connections_per_node),
+            (2, 2),
+            "initial follows a smaller limit"
+        );
+        let d = Config::from_toml("[delivery]\ninitial_connections = 1\n")
+            .unwrap()
+            .delivery;
+        assert_eq!((d.initial_connections, d.connections_per_node), (1, 20));
+        for bad in [
+            "initial_connections = 0",
+            "initial_connections = 21",
+            "connections_per_node = 0",
+        ] {
+            let e = Config::from_toml(&format!("[delivery]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(bad.split(' ').next().unwrap()), "{bad}: {e}");
+        }
     }
 
     #[test]

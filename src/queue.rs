@@ -43,6 +43,12 @@ impl NodeQueue {
         self.entries.push_back(e);
     }
 
+    /// Puts an entry back at the head (a worker that took it but could not try it).
+    pub fn push_front(&mut self, e: QueueEntry) {
+        self.bytes += u64::from(e.size);
+        self.entries.push_front(e);
+    }
+
     /// Takes the oldest entry.
     pub fn pop(&mut self) -> Option<QueueEntry> {
         let e = self.entries.pop_front()?;
@@ -126,5 +132,9 @@ mod tests {
         assert_eq!(n1.pop().unwrap().msg_id, 1);
         assert_eq!(n1.bytes(), 64);
         assert!(q.get(NodeIdx(9)).is_none());
+        let n1 = q.get_mut(NodeIdx(1));
+        n1.push_front(entry(1, 50));
+        assert_eq!((n1.len(), n1.bytes()), (2, 128));
+        assert_eq!(n1.pop().unwrap().msg_id, 1, "put back at the head");
     }
 }

@@ -2,10 +2,16 @@
 //! `retry_interval`).
 //!
 //! A run owns nothing durable: it pops parts from the shard's `NodeQueue`, reads each record
-//! from the spool, hands it to [`crate::delivery::SmtpClient`] over up to
-//! `delivery.connections_per_node` parallel connections, writes each recipient's final state
-//! into the record, and gives deferred parts back to the queue when the run ends. A part is
-//! never in the queue and in a worker at once, so concurrent ETRNs cannot deliver it twice.
+//! from the spool, hands it to [`crate::delivery::SmtpClient`] over parallel connections,
+//! writes each recipient's final state into the record, and gives deferred parts back to the
+//! queue when the run ends. A part is never in the queue and in a worker at once, so concurrent
+//! ETRNs cannot deliver it twice.
+//!
+//! How many connections: Postfix's slow start. A run opens `delivery.initial_connections`,
+//! adds one each time as many messages as there are connections went through, up to
+//! `delivery.connections_per_node`, and gives one up when a connection breaks or the server
+//! turns a new one away while others are delivering ([`ConcurrencyWindow`]). A node that takes
+//! only a few sessions at a time gets that many, and its mail is not left behind for it.
 //!
 //! Where mail goes (the protected-queue rules): `auth = "none"`: the node's MX hosts only;
 //! `plain`: `static_ip` first when set, then the MX hosts; `md5`: the address the
@@ -36,6 +42,9 @@ struct Run {
     dynamic_ip: Cell<Option<IpAddr>>,
     targets: RefCell<Vec<SocketAddr>>,
     workers: Cell<usize>,
+    /// Workers holding a live connection to the node's server.
+    connected: Cell<usize>,
+    window: Cell<ConcurrencyWindow>,
     in_flight: Cell<usize>,
     deferred: RefCell<Vec<QueueEntry>>,
     touched: RefCell<HashSet<SegmentId>>,
@@ -72,6 +81,11 @@ pub fn start_or_join(ctx: &Rc<ShardCtx>, node: NodeIdx, dynamic_ip: Option<IpAdd
         dynamic_ip: Cell::new(dynamic_ip),
         targets: RefCell::new(Vec::new()),
         workers: Cell::new(0),
+        connected: Cell::new(0),
+        window: Cell::new(ConcurrencyWindow::new(
+            ctx.cfg.delivery.initial_connections,
+            ctx.cfg.delivery.connections_per_node,
+        )),
         in_flight: Cell::new(0),
         deferred: RefCell::new(Vec::new()),
         touched: RefCell::new(HashSet::new()),
@@ -111,7 +125,7 @@ fn add_workers(ctx: &Rc<ShardCtx>, run: &Rc<Run>) {
         return; // still resolving; `begin` starts the workers
     }
     let queued = ctx.queues.borrow().get(run.node).map_or(0, |q| q.len());
-    let want = ctx.cfg.delivery.connections_per_node.min(queued + run.workers.get());
+    let want = run.window.get().limit().min(queued + run.workers.get());
     while run.workers.get() < want {
         run.workers.set(run.workers.get() + 1);
         let (c, run) = (ctx.clone(), run.clone());
@@ -201,7 +215,11 @@ async fn connect(ctx: &ShardCtx, run: &Run) -> Option<SmtpClient> {
 async fn worker(ctx: Rc<ShardCtx>, run: Rc<Run>) {
     let mut client: Option<SmtpClient> = None;
     let max_age = ctx.cfg.delivery.max_age.as_secs();
-    while let Some(entry) = pop(&ctx, run.node) {
+    loop {
+        if run.workers.get() > run.window.get().limit() {
+            break; // the window shrank: this connection is one too many
+        }
+        let Some(entry) = pop(&ctx, run.node) else { break };
         run.in_flight.set(run.in_flight.get() + 1);
         let now = spool::unix_now();
         if now.saturating_sub(entry.arrival) > max_age {
@@ -218,28 +236,103 @@ async fn worker(ctx: Rc<ShardCtx>, run: Rc<Run>) {
         }
         if client.is_none() {
             client = connect(&ctx, &run).await;
+            if client.is_some() {
+                run.connected.set(run.connected.get() + 1);
+            }
         }
         let Some(c) = client.as_mut() else {
-            run.deferred.borrow_mut().push(entry);
             run.in_flight.set(run.in_flight.get() - 1);
+            if run.connected.get() > 0 {
+                // The server works but turned this connection away (a session limit, a 421):
+                // the connections it did take deliver this part; try fewer from now on.
+                shrink_window(&run);
+                ctx.queues.borrow_mut().get_mut(run.node).push_front(entry);
+            } else {
+                run.deferred.borrow_mut().push(entry);
+            }
             break;
         };
         let ok = deliver_one(&ctx, &run, c, entry).await;
         run.in_flight.set(run.in_flight.get() - 1);
-        if !ok {
+        if ok {
+            let mut w = run.window.get();
+            if w.success() {
+                run.window.set(w);
+                add_workers(&ctx, &run);
+            } else {
+                run.window.set(w);
+            }
+        } else {
             client = None; // connection is broken; reconnect for the next message
+            run.connected.set(run.connected.get() - 1);
+            shrink_window(&run);
         }
         // Socket writes and page-cache reads often complete without suspending, so a worker
         // could stream many messages without ever giving the latency-sensitive queue (sessions,
         // ETRN) a turn; let it in whenever the scheduler asks.
         glommio::yield_if_needed().await;
     }
+    // Counted out before the QUIT exchange, so the others see the right number at once (the
+    // window check above) and only one worker retires per step the window shrinks.
+    run.workers.set(run.workers.get() - 1);
+    let last = run.workers.get() == 0;
     if let Some(c) = client {
+        run.connected.set(run.connected.get() - 1);
         c.quit().await;
     }
-    run.workers.set(run.workers.get() - 1);
-    if run.workers.get() == 0 {
+    if last && run.workers.get() == 0 {
         finish(&ctx, &run).await;
+    }
+}
+
+fn shrink_window(run: &Run) {
+    let mut w = run.window.get();
+    w.failure();
+    run.window.set(w);
+}
+
+/// The number of connections a run may have open: starts at `initial`, grows by one after
+/// `limit` successful deliveries (so doubling takes about as many messages as connections, like
+/// Postfix's `1/concurrency` positive feedback), shrinks by one on each failure, and stays
+/// within `1..=max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ConcurrencyWindow {
+    limit: usize,
+    max: usize,
+    credit: usize,
+}
+
+impl ConcurrencyWindow {
+    fn new(initial: usize, max: usize) -> Self {
+        let max = max.max(1);
+        ConcurrencyWindow {
+            limit: initial.clamp(1, max),
+            max,
+            credit: 0,
+        }
+    }
+
+    fn limit(self) -> usize {
+        self.limit
+    }
+
+    /// Counts one delivery; true when the window just grew.
+    fn success(&mut self) -> bool {
+        if self.limit == self.max {
+            return false;
+        }
+        self.credit += 1;
+        if self.credit < self.limit {
+            return false;
+        }
+        self.credit = 0;
+        self.limit += 1;
+        true
+    }
+
+    fn failure(&mut self) {
+        self.credit = 0;
+        self.limit = self.limit.saturating_sub(1).max(1);
     }
 }
 
@@ -507,4 +600,45 @@ async fn finish(ctx: &Rc<ShardCtx>, run: &Rc<Run>) {
         deferred = n_deferred,
         "queue run finished"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConcurrencyWindow;
+
+    #[test]
+    fn window_starts_at_initial_within_bounds() {
+        assert_eq!(ConcurrencyWindow::new(5, 20).limit(), 5);
+        assert_eq!(ConcurrencyWindow::new(9, 4).limit(), 4);
+        assert_eq!(ConcurrencyWindow::new(0, 4).limit(), 1);
+    }
+
+    #[test]
+    fn window_grows_by_one_per_window_of_successes_up_to_max() {
+        let mut w = ConcurrencyWindow::new(2, 4);
+        let grew: Vec<bool> = (0..12).map(|_| w.success()).collect();
+        // 2 successes at 2, then 3 at 3, then stays at 4.
+        assert_eq!(
+            grew,
+            [false, true, false, false, true, false, false, false, false, false, false, false]
+        );
+        assert_eq!(w.limit(), 4);
+    }
+
+    #[test]
+    fn window_shrinks_on_failure_never_below_one_and_restarts_its_count() {
+        let mut w = ConcurrencyWindow::new(3, 8);
+        assert!(!w.success() && !w.success());
+        w.failure();
+        assert_eq!(w.limit(), 2);
+        assert!(!w.success(), "the successes before the failure no longer count");
+        assert!(w.success());
+        assert_eq!(w.limit(), 3);
+        for _ in 0..5 {
+            w.failure();
+        }
+        assert_eq!(w.limit(), 1);
+        assert!(w.success(), "one success grows a window of one");
+        assert_eq!(w.limit(), 2);
+    }
 }

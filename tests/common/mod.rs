@@ -840,6 +840,8 @@ pub struct Script {
     pub data_end_reply: String,
     /// Sleep before answering the end of DATA (a slow server).
     pub data_end_delay: Duration,
+    /// Sessions served at once; a connection beyond them gets `421` and is closed.
+    pub max_sessions: Option<usize>,
 }
 
 impl Default for Script {
@@ -849,6 +851,7 @@ impl Default for Script {
             rcpt_reply: "250 2.1.5 Ok".into(),
             data_end_reply: "250 2.0.0 Ok".into(),
             data_end_delay: Duration::ZERO,
+            max_sessions: None,
         }
     }
 }
@@ -859,6 +862,17 @@ pub struct ScriptedServer {
     pub addr: SocketAddr,
     txns: std::sync::Arc<std::sync::Mutex<Vec<ScriptedTxn>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sessions: std::sync::Arc<SessionCount>,
+}
+
+/// Sessions of a [`ScriptedServer`]: open now, most at once, turned away with 421.
+#[derive(Default)]
+struct SessionCount {
+    open: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicUsize,
+    /// For each session served, in order: transactions completed when it was accepted.
+    opened_after: std::sync::Mutex<Vec<usize>>,
 }
 
 impl ScriptedServer {
@@ -869,20 +883,51 @@ impl ScriptedServer {
         let addr = listener.local_addr().unwrap();
         let txns = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (t, s) = (txns.clone(), stop.clone());
+        let sessions = Arc::new(SessionCount::default());
+        let (t, s, n) = (txns.clone(), stop.clone(), sessions.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
                     return;
                 }
-                let Ok(conn) = conn else { continue };
-                let (t, script) = (t.clone(), script.clone());
+                let Ok(mut conn) = conn else { continue };
+                let open = n.open.fetch_add(1, Ordering::SeqCst) + 1;
+                if script.max_sessions.is_some_and(|m| open > m) {
+                    n.open.fetch_sub(1, Ordering::SeqCst);
+                    n.refused.fetch_add(1, Ordering::SeqCst);
+                    let _ = conn.write_all(b"421 4.7.0 scripted.test Too many sessions, try later\r\n");
+                    continue;
+                }
+                n.peak.fetch_max(open, Ordering::SeqCst);
+                n.opened_after.lock().unwrap().push(t.lock().unwrap().len());
+                let (t, script, n) = (t.clone(), script.clone(), n.clone());
                 std::thread::spawn(move || {
                     let _ = serve_scripted(conn, &script, &t);
+                    n.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        ScriptedServer { addr, txns, stop }
+        ScriptedServer {
+            addr,
+            txns,
+            stop,
+            sessions,
+        }
+    }
+
+    /// Most sessions served at once.
+    pub fn peak_sessions(&self) -> usize {
+        self.sessions.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// For each session served, in the order accepted: how many transactions had completed.
+    pub fn sessions_opened_after(&self) -> Vec<usize> {
+        self.sessions.opened_after.lock().unwrap().clone()
+    }
+
+    /// Connections turned away with 421 (`Script::max_sessions`).
+    pub fn refused_sessions(&self) -> usize {
+        self.sessions.refused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Transactions completed with a 2xx after DATA.
