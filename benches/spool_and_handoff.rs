@@ -89,7 +89,13 @@ fn cross_shard_handoff(c: &mut Criterion) {
             });
             let mut sent = 0;
             while sent < N {
-                if tx.try_send(ShardMsg::PartDone(SegmentId(sent))).is_ok() {
+                if tx
+                    .try_send(ShardMsg::PartsDone {
+                        seg: SegmentId(sent),
+                        parts: 1,
+                    })
+                    .is_ok()
+                {
                     sent += 1;
                 } else {
                     std::hint::spin_loop();

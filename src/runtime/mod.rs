@@ -69,8 +69,13 @@ pub enum ShardMsg {
         /// The part.
         entry: QueueEntry,
     },
-    /// A part of a message in a segment this shard accounts for is finished.
-    PartDone(SegmentId),
+    /// Parts of messages in a segment this shard accounts for are finished.
+    PartsDone {
+        /// The segment.
+        seg: SegmentId,
+        /// How many parts.
+        parts: u32,
+    },
     /// A segment file was removed: close any handle to it (its disk space is freed only when
     /// the last handle goes).
     SegmentRemoved(SegmentId),
@@ -416,7 +421,17 @@ mod tests {
         assert!(tx.reserve(2));
         assert!(!tx.reserve(1));
         tx.release(1);
-        assert!(tx.try_send(ShardMsg::PartDone(SegmentId(1))).is_ok());
-        assert!(tx.try_send(ShardMsg::PartDone(SegmentId(1))).is_err());
+        assert!(tx
+            .try_send(ShardMsg::PartsDone {
+                seg: SegmentId(1),
+                parts: 1
+            })
+            .is_ok());
+        assert!(tx
+            .try_send(ShardMsg::PartsDone {
+                seg: SegmentId(1),
+                parts: 1
+            })
+            .is_err());
     }
 }

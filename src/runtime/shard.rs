@@ -42,6 +42,10 @@ pub struct ShardCtx {
     pub inflight_bytes: Cell<usize>,
     /// Cross-shard messages that found the target inbox full; retried by a timer.
     backlog: RefCell<Vec<(usize, ShardMsg)>>,
+    /// Parts finished here in segments other shards account for: `(shard, segment, parts)`,
+    /// sent by the backlog timer as one message per segment, so a queue run costs the other
+    /// shard a wake-up per tick rather than one per delivered message.
+    done_elsewhere: RefCell<Vec<(usize, SegmentId, u32)>>,
     /// Per-shard ETRN and AUTH abuse limits.
     pub etrn: crate::etrn::EtrnState,
     /// Queue runs in progress on this shard.
@@ -148,6 +152,7 @@ impl ShardCtx {
             connections,
             inflight_bytes: Cell::new(0),
             backlog: RefCell::new(Vec::new()),
+            done_elsewhere: RefCell::new(Vec::new()),
         });
         for (entry, domain) in init.outbound {
             crate::outbound::enqueue(&ctx, entry, domain);
@@ -198,24 +203,44 @@ impl ShardCtx {
         self.queues.borrow_mut().get_mut(node).push(entry);
     }
 
-    /// Reports a finished part to the shard accounting for its segment; never blocks.
+    /// Reports a finished part to the shard accounting for its segment (batched when that is
+    /// another shard); never blocks.
     pub fn part_done(self: &Rc<Self>, table_shard: usize, seg: SegmentId) {
         if table_shard == self.id {
-            if self.table.part_done(seg) {
-                // Every shard that read from the segment holds a handle; a removed file keeps
-                // its disk space until the last one is closed.
-                self.files.forget(seg);
-                for shard in (0..self.inboxes.len()).filter(|s| *s != self.id) {
-                    self.send_or_backlog(shard, ShardMsg::SegmentRemoved(seg));
-                }
-                let me = self.clone();
-                glommio::spawn_local(async move {
-                    me.table.remove(seg).await;
-                })
-                .detach();
+            self.parts_done_here(seg, 1);
+            return;
+        }
+        let mut done = self.done_elsewhere.borrow_mut();
+        match done.iter_mut().find(|(s, g, _)| *s == table_shard && *g == seg) {
+            Some((_, _, n)) => *n += 1,
+            None => done.push((table_shard, seg, 1)),
+        }
+    }
+
+    /// Counts finished parts of a segment this shard accounts for; removes the segment when
+    /// none is left.
+    fn parts_done_here(self: &Rc<Self>, seg: SegmentId, parts: u32) {
+        if self.table.parts_done(seg, parts) {
+            // Every shard that read from the segment holds a handle; a removed file keeps
+            // its disk space until the last one is closed.
+            self.files.forget(seg);
+            for shard in (0..self.inboxes.len()).filter(|s| *s != self.id) {
+                self.send_or_backlog(shard, ShardMsg::SegmentRemoved(seg));
             }
-        } else {
-            self.send_or_backlog(table_shard, ShardMsg::PartDone(seg));
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                me.table.remove(seg).await;
+            })
+            .detach();
+        }
+    }
+
+    /// Sends the finished parts counted by [`ShardCtx::part_done`] to the shards that account
+    /// for their segments.
+    fn send_done_elsewhere(&self) {
+        let done = std::mem::take(&mut *self.done_elsewhere.borrow_mut());
+        for (shard, seg, parts) in done {
+            self.send_or_backlog(shard, ShardMsg::PartsDone { seg, parts });
         }
     }
 
@@ -259,6 +284,7 @@ pub async fn serve(
         async move {
             loop {
                 glommio::timer::sleep(Duration::from_millis(50)).await;
+                ctx.send_done_elsewhere();
                 ctx.retry_backlog();
             }
         }
@@ -303,7 +329,7 @@ pub async fn serve(
 fn handle_msg(ctx: &Rc<ShardCtx>, msg: ShardMsg) {
     match msg {
         ShardMsg::Enqueue { node, entry } => ctx.enqueue_local(node, entry),
-        ShardMsg::PartDone(seg) => ctx.part_done(ctx.id, seg),
+        ShardMsg::PartsDone { seg, parts } => ctx.parts_done_here(seg, parts),
         ShardMsg::SegmentRemoved(seg) => ctx.files.forget(seg),
         ShardMsg::Etrn(req) => crate::etrn::handle_request(ctx, req),
     }

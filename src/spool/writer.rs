@@ -170,12 +170,13 @@ impl SegmentTable {
         e.0 == 0
     }
 
-    /// One part of a message in `seg` is finished; returns true if the segment is now removable.
-    pub fn part_done(&self, seg: SegmentId) -> bool {
+    /// `parts` parts of messages in `seg` are finished; returns true if the segment is now
+    /// removable.
+    pub fn parts_done(&self, seg: SegmentId, parts: u32) -> bool {
         let mut live = self.live.borrow_mut();
         match live.get_mut(&seg) {
             Some(e) => {
-                e.0 = e.0.saturating_sub(1);
+                e.0 = e.0.saturating_sub(parts as usize);
                 e.0 == 0 && e.1
             }
             None => false,
@@ -192,7 +193,7 @@ impl SegmentTable {
         self.len() == 0
     }
 
-    /// Removes a segment file (after [`SegmentTable::part_done`] or [`SegmentTable::seal`]
+    /// Removes a segment file (after [`SegmentTable::parts_done`] or [`SegmentTable::seal`]
     /// returned true).
     pub async fn remove(&self, seg: SegmentId) {
         self.live.borrow_mut().remove(&seg);
@@ -574,7 +575,7 @@ async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
             tracing::error!(error = %e, segment = %loc.segment.file_name(), offset = loc.offset, "spool write failed");
             let mut removable = false;
             for _ in 0..parts {
-                removable |= table.part_done(loc.segment);
+                removable |= table.parts_done(loc.segment, 1);
             }
             if removable {
                 // Sealed (by a rotation while this write was in flight) and now holds nothing
