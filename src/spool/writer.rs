@@ -79,13 +79,16 @@ struct Active {
 
 /// A segment being appended to, and how many of its syncs have failed.
 ///
-/// Linux reports a writeback error to only one `fdatasync` per open file: when several batches
-/// sync the same file concurrently and one sync fails, a later one can succeed although the
-/// pages it depended on were lost. So every batch notes the failure count when it is placed and
-/// counts as failed if it changed by the time its own sync returns; and a segment with a failed
-/// sync is not appended to again.
+/// Linux reports a writeback error to only one `fdatasync` per open file: the first sync that
+/// looks after the error takes it, and a later one succeeds although the pages were lost. So
+/// a file's syncs run one at a time ([`SyncGate`]): the sync that covers a batch's pages is the
+/// first to look after their writeback. Every batch also notes the failure count when it is
+/// placed and counts as failed if it changed by the time its sync returns (a sync that ran
+/// while it was being written may have taken its error); and a segment with a failed sync is
+/// not appended to again.
 struct SegFile {
     file: BufferedFile,
+    sync_gate: SyncGate,
     /// A second handle for zero-filling: a writeback error is reported once per open file, so
     /// the fill's own `fdatasync` must not be the one that takes an error meant for a batch's.
     filler: BufferedFile,
@@ -269,9 +272,11 @@ impl SpoolWriter {
     }
 }
 
-/// Syncs that may be in flight at once per shard. Concurrent `fdatasync`s are merged by the
-/// kernel and the device; measured here, 4-16 concurrent syncs give 2-3x the syncs per second of
-/// one at a time, so a new batch does not wait for the previous batch's sync to finish.
+/// Batches that may be in flight at once per shard. A new batch is placed and written while
+/// earlier ones still sync, so its writes overlap their sync; the syncs of one file then run
+/// one at a time ([`SyncGate`]), each covering every batch written before it started. (With
+/// concurrent syncs on one file, 1, 2 or 8 batches in flight measured the same; serialising
+/// them changed neither accept rate nor latency, see loadtest/RESULTS.md.)
 const CONCURRENT_SYNCS: u64 = 8;
 
 /// Largest write that consecutive records of a batch are merged into (a bigger record is
@@ -364,6 +369,7 @@ impl Flusher {
             file: Rc::new(SegFile {
                 file,
                 filler,
+                sync_gate: SyncGate::default(),
                 sync_failures: Cell::new(0),
                 zeroed: Cell::new(0),
             }),
@@ -507,7 +513,8 @@ struct Written {
 /// which case the message is delivered: at-least-once).
 async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
     let mut results: Vec<Written> = Vec::with_capacity(placed.len());
-    let mut touched: Vec<Rc<SegFile>> = Vec::new();
+    // Files written, each with the sync count of its gate once our writes to it were done.
+    let mut touched: Vec<(Rc<SegFile>, u64)> = Vec::new();
     let mut placed = placed.into_iter().peekable();
     while let Some(first) = placed.next() {
         // Records placed one after another in the same file go out in one write: each write
@@ -537,8 +544,12 @@ async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
             buf
         };
         let res = write_all(&file.file, buf, offset).await;
-        if res.is_ok() && !touched.iter().any(|f| Rc::ptr_eq(f, &file)) {
-            touched.push(file.clone());
+        if res.is_ok() {
+            let mark = file.sync_gate.mark();
+            match touched.iter_mut().find(|(f, _)| Rc::ptr_eq(f, &file)) {
+                Some((_, m)) => *m = mark,
+                None => touched.push((file.clone(), mark)),
+            }
         }
         for p in run {
             results.push(Written {
@@ -551,8 +562,8 @@ async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
             });
         }
     }
-    for file in touched {
-        if let Err(e) = file.file.fdatasync().await {
+    for (file, mark) in touched {
+        if let Err(e) = file.sync_gate.sync_after(mark, || file.file.fdatasync()).await {
             file.sync_failures.set(file.sync_failures.get() + 1);
             let e = SpoolError::from(e);
             tracing::error!(error = %e, "spool fdatasync failed; the batch is not acknowledged and the segment is retired");
@@ -584,6 +595,54 @@ async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
             }
         }
         let _ = w.try_send(r.map(|()| loc));
+    }
+}
+
+/// One `fdatasync` at a time on a file handle, shared by everyone who wrote before it started.
+///
+/// A writer takes [`SyncGate::mark`] after its writes and then calls [`SyncGate::sync_after`]:
+/// if a sync that started after the mark has succeeded meanwhile, its pages are already
+/// durable and no sync of its own is needed; otherwise it runs one. Batches that pile up behind
+/// a running sync are thus served by the next one together (group commit), and no two syncs on
+/// the handle race for one writeback error.
+struct SyncGate {
+    running: glommio::sync::Semaphore,
+    started: Cell<u64>,
+    ok_through: Cell<u64>,
+}
+
+impl Default for SyncGate {
+    fn default() -> Self {
+        SyncGate {
+            running: glommio::sync::Semaphore::new(1),
+            started: Cell::new(0),
+            ok_through: Cell::new(0),
+        }
+    }
+}
+
+impl SyncGate {
+    /// The syncs started so far: a sync numbered above it starts after this call.
+    fn mark(&self) -> u64 {
+        self.started.get()
+    }
+
+    /// Returns once everything written before `mark` is durable by a sync that began after
+    /// it: one that already succeeded, or `sync` run now.
+    async fn sync_after<F, Fut>(&self, mark: u64, sync: F) -> Result<(), glommio::GlommioError<()>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), glommio::GlommioError<()>>>,
+    {
+        let _running = self.running.acquire_permit(1).await?;
+        if self.ok_through.get() > mark {
+            return Ok(());
+        }
+        let n = self.started.get() + 1;
+        self.started.set(n);
+        sync().await?;
+        self.ok_through.set(n);
+        Ok(())
     }
 }
 
@@ -679,5 +738,103 @@ impl SegmentFiles {
     /// shard has no queue run going.
     pub fn close_all(&self) {
         self.open.borrow_mut().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SyncGate;
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    fn run<T, Fut>(f: impl FnOnce() -> Fut + Send + 'static) -> T
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = T> + 'static,
+    {
+        glommio::LocalExecutorBuilder::default()
+            .io_memory(1 << 20)
+            .spawn(f)
+            .expect("spawn executor")
+            .join()
+            .expect("executor thread")
+    }
+
+    /// A fake fdatasync: counts calls and the most running at once, takes 5 ms, fails on the
+    /// calls listed.
+    #[derive(Default)]
+    struct FakeSync {
+        calls: Cell<u32>,
+        running: Cell<u32>,
+        most: Cell<u32>,
+        fail_on: Vec<u32>,
+    }
+
+    async fn fake_sync(s: Rc<FakeSync>) -> Result<(), glommio::GlommioError<()>> {
+        s.calls.set(s.calls.get() + 1);
+        let call = s.calls.get();
+        s.running.set(s.running.get() + 1);
+        s.most.set(s.most.get().max(s.running.get()));
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+        s.running.set(s.running.get() - 1);
+        if s.fail_on.contains(&call) {
+            return Err(std::io::Error::other("EIO").into());
+        }
+        Ok(())
+    }
+
+    /// Five writers finishing their writes at about the same time: one sync at a time, and the
+    /// four that waited behind the first share the second.
+    #[test]
+    fn one_sync_at_a_time_and_waiters_share_the_next() {
+        let (calls, most, ok) = run(|| {
+            async {
+                let gate = Rc::new(SyncGate::default());
+                let fake = Rc::new(FakeSync::default());
+                let mut tasks = Vec::new();
+                for i in 0..5u64 {
+                    let (gate, fake) = (gate.clone(), fake.clone());
+                    tasks.push(glommio::spawn_local(async move {
+                        // Writer 0 is done first; the others finish while its sync runs.
+                        glommio::timer::sleep(Duration::from_millis(if i == 0 { 0 } else { 2 })).await;
+                        let mark = gate.mark();
+                        gate.sync_after(mark, || fake_sync(fake.clone())).await.is_ok()
+                    }));
+                }
+                let mut ok = 0;
+                for t in tasks {
+                    ok += usize::from(t.await);
+                }
+                (fake.calls.get(), fake.most.get(), ok)
+            }
+        });
+        assert_eq!((calls, most, ok), (2, 1, 5));
+    }
+
+    /// A sync that started before a writer's writes were done never counts for it, and a failed
+    /// sync serves nobody: the next writer runs its own.
+    #[test]
+    fn only_a_later_successful_sync_covers_a_write() {
+        let calls = run(|| {
+            async {
+                let gate = SyncGate::default();
+                let fake = Rc::new(FakeSync {
+                    fail_on: vec![2],
+                    ..FakeSync::default()
+                });
+                let m0 = gate.mark();
+                assert!(gate.sync_after(m0, || fake_sync(fake.clone())).await.is_ok());
+                // Written after sync 1 started: needs sync 2, which fails.
+                let m1 = gate.mark();
+                assert!(gate.sync_after(m1, || fake_sync(fake.clone())).await.is_err());
+                // Same mark again (the batch behind a failed sync): it must sync itself.
+                assert!(gate.sync_after(m1, || fake_sync(fake.clone())).await.is_ok());
+                // Already covered by sync 3, which started after m1: no new call.
+                assert!(gate.sync_after(m1, || fake_sync(fake.clone())).await.is_ok());
+                fake.calls.get()
+            }
+        });
+        assert_eq!(calls, 3);
     }
 }
