@@ -674,24 +674,14 @@ mod tests {
 
     #[test]
     fn delivery_concurrency_defaults_and_bounds() {
-        let d = Config::from_toml("").unwrap().delivery;
-        assert_eq!(
-            (d.initial_connections, d.connections_per_node),
-            (5, 20),
-            "Postfix's defaults"
-        );
-        let d = Config::from_toml("[delivery]\nconnections_per_node = 2\n")
-            .unwrap()
-            .delivery;
-        assert_eq!(
-            (d.initial_connections, d.connections_per_node),
-            (2, 2),
-            "initial follows a smaller limit"
-        );
-        let d = Config::from_toml("[delivery]\ninitial_connections = 1\n")
-            .unwrap()
-            .delivery;
-        assert_eq!((d.initial_connections, d.connections_per_node), (1, 20));
+        for (toml, want, why) in [
+            ("", (5, 20), "Postfix's defaults"),
+            ("connections_per_node = 2", (2, 2), "initial follows a smaller limit"),
+            ("initial_connections = 1", (1, 20), "initial alone"),
+        ] {
+            let d = Config::from_toml(&format!("[delivery]\n{toml}\n")).unwrap().delivery;
+            assert_eq!((d.initial_connections, d.connections_per_node), want, "{why}");
+        }
         for bad in [
             "initial_connections = 0",
             "initial_connections = 21",

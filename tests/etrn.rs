@@ -610,14 +610,7 @@ fn mail_arriving_during_a_run_is_delivered_by_that_run() {
         1,
         "one run only"
     );
-    let ids: BTreeSet<String> = slow
-        .txns()
-        .iter()
-        .filter_map(|t| {
-            let m = String::from_utf8_lossy(&t.raw_data).into_owned();
-            m.lines().find_map(|l| l.strip_prefix("X-Test-Id: ").map(str::to_owned))
-        })
-        .collect();
+    let ids = scripted_test_ids(&slow);
     assert_eq!(ids.len(), 65);
     assert!((0..5).all(|i| ids.contains(&format!("late-{i}"))));
     assert_eq!(slow.count(), 65, "no duplicates");
@@ -627,32 +620,42 @@ fn mail_arriving_during_a_run_is_delivered_by_that_run() {
     );
 }
 
-#[test]
-fn a_run_opens_connections_by_slow_start_up_to_the_limit() {
+/// The `X-Test-Id` of every message a scripted server accepted.
+fn scripted_test_ids(server: &ScriptedServer) -> BTreeSet<String> {
+    server
+        .txns()
+        .iter()
+        .filter_map(|t| {
+            let m = String::from_utf8_lossy(&t.raw_data).into_owned();
+            m.lines().find_map(|l| l.strip_prefix("X-Test-Id: ").map(str::to_owned))
+        })
+        .collect()
+}
+
+/// Queues `n` messages for node1.test, whose server (127.0.0.2) answers by `script`, starts
+/// them with one ETRN and waits until the server has them all and the run is over.
+fn one_run_to_scripted_server(script: Script, delivery_extra: &str, n: usize) -> (Relay, ScriptedServer) {
     let dns = Dns::start(&zone());
     let port = reserve_port();
-    let server = ScriptedServer::start(
-        "127.0.0.2",
-        port,
-        Script {
-            data_end_delay: Duration::from_millis(3),
-            ..Script::default()
-        },
-    );
-    let relay = relay(
-        &dns,
-        port,
-        "",
-        "initial_connections = 2\nconnections_per_node = 6",
-        &[node("node1.test", "")],
-    );
-    submit_many(&relay, "u@node1.test", "slow-start", 150, 3);
+    let server = ScriptedServer::start("127.0.0.2", port, script);
+    let relay = relay(&dns, port, "", delivery_extra, &[node("node1.test", "")]);
+    submit_many(&relay, "u@node1.test", "run", n, 3);
     assert_eq!(
         etrn(&relay, "node1.test"),
-        "253 2.0.0 OK, 150 pending messages for node node1.test started"
+        format!("253 2.0.0 OK, {n} pending messages for node node1.test started")
     );
-    wait_count("all 150 messages", &relay, 150, || server.count());
+    wait_count("every message", &relay, n, || server.count());
     wait_runs_finished(&relay, "node1.test", 1);
+    (relay, server)
+}
+
+#[test]
+fn a_run_opens_connections_by_slow_start_up_to_the_limit() {
+    let script = Script {
+        data_end_delay: Duration::from_millis(3),
+        ..Script::default()
+    };
+    let (_relay, server) = one_run_to_scripted_server(script, "initial_connections = 2\nconnections_per_node = 6", 150);
     assert_eq!(
         server.peak_sessions(),
         6,
@@ -666,47 +669,28 @@ fn a_run_opens_connections_by_slow_start_up_to_the_limit() {
     for (k, at_least) in [(2, 2), (3, 5), (4, 9), (5, 14)] {
         assert!(opened[k] >= at_least, "session {k} opened too early: {opened:?}");
     }
-    let ids: BTreeSet<String> = server
-        .txns()
-        .iter()
-        .filter_map(|t| {
-            let m = String::from_utf8_lossy(&t.raw_data).into_owned();
-            m.lines().find_map(|l| l.strip_prefix("X-Test-Id: ").map(str::to_owned))
-        })
-        .collect();
-    assert_eq!((ids.len(), server.count()), (150, 150), "each message once");
+    assert_eq!(
+        (scripted_test_ids(&server).len(), server.count()),
+        (150, 150),
+        "each message once"
+    );
 }
 
 #[test]
 fn a_server_that_limits_sessions_gets_that_many_and_all_its_mail_in_one_run() {
-    let dns = Dns::start(&zone());
-    let port = reserve_port();
-    let server = ScriptedServer::start(
-        "127.0.0.2",
-        port,
-        Script {
-            data_end_delay: Duration::from_millis(3),
-            max_sessions: Some(3),
-            ..Script::default()
-        },
-    );
-    let relay = relay(
-        &dns,
-        port,
-        "",
-        "initial_connections = 2\nconnections_per_node = 8",
-        &[node("node1.test", "")],
-    );
-    submit_many(&relay, "u@node1.test", "limited", 100, 2);
-    assert_eq!(
-        etrn(&relay, "node1.test"),
-        "253 2.0.0 OK, 100 pending messages for node node1.test started"
-    );
-    wait_count("all 100 messages", &relay, 100, || server.count());
-    wait_runs_finished(&relay, "node1.test", 1);
+    let script = Script {
+        data_end_delay: Duration::from_millis(3),
+        max_sessions: Some(3),
+        ..Script::default()
+    };
+    let (relay, server) = one_run_to_scripted_server(script, "initial_connections = 2\nconnections_per_node = 8", 100);
     assert!(server.refused_sessions() >= 1, "the run never tried a 4th connection");
     assert!(server.peak_sessions() <= 3);
-    assert_eq!(server.count(), 100, "no duplicates");
+    assert_eq!(
+        (scripted_test_ids(&server).len(), server.count()),
+        (100, 100),
+        "each message once"
+    );
     assert_eq!(
         relay.log_lines_with(&["queue run finished", "node=node1.test", "delivered=100", "deferred=0"]),
         1,
