@@ -41,7 +41,7 @@ pub fn reference_parse(line: &[u8]) -> Result<Command<'_>, ParseError> {
     };
     match verb.as_slice() {
         b"EHLO" | b"HELO" => {
-            if arg.is_empty() || arg.iter().any(|&b| b == b' ' || b == b'\t') {
+            if arg.is_empty() || !arg.iter().all(|b| b.is_ascii_graphic() || !b.is_ascii()) {
                 Err(ParseError::Syntax("EHLO/HELO needs one domain or address literal"))
             } else if verb[0] == b'E' {
                 Ok(Command::Ehlo(arg))

@@ -101,7 +101,9 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, ParseError> {
     };
     match &v[..verb.len()] {
         b"EHLO" | b"HELO" => {
-            if arg.is_empty() || memchr::memchr2(b' ', b'\t', arg).is_some() {
+            // One word of printable octets: no blanks, no control characters (they would end up
+            // in our Received header). Octets above 127 pass for SMTPUTF8 clients.
+            if arg.is_empty() || arg.iter().any(|&b| b <= b' ' || b == 0x7f) {
                 return Err(ParseError::Syntax("EHLO/HELO needs one domain or address literal"));
             }
             Ok(if v[0] == b'E' {
@@ -227,6 +229,20 @@ mod tests {
     #[test]
     fn verbs_case_insensitive() {
         assert_eq!(parse_command(b"ehlo client.test"), Ok(Command::Ehlo(b"client.test")));
+        for bad in [
+            &b"EHLO a\x01b.test"[..],
+            b"EHLO a\x7f.test",
+            b"HELO a\0.test",
+            b"EHLO a\x1b[31m",
+        ] {
+            assert_eq!(
+                parse_command(bad),
+                Err(ParseError::Syntax("EHLO/HELO needs one domain or address literal")),
+                "{bad:?}"
+            );
+        }
+        let utf8 = "EHLO b\u{fc}ro.test".as_bytes();
+        assert_eq!(parse_command(utf8), Ok(Command::Ehlo("b\u{fc}ro.test".as_bytes())));
         assert_eq!(parse_command(b"DATA"), Ok(Command::Data));
         assert_eq!(
             parse_command(b"data x"),
