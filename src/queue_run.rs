@@ -252,15 +252,19 @@ async fn worker(ctx: Rc<ShardCtx>, run: Rc<Run>) {
             }
             break;
         };
+        let delivered_before = run.delivered.get();
         let ok = deliver_one(&ctx, &run, c, entry).await;
         run.in_flight.set(run.in_flight.get() - 1);
         if ok {
-            let mut w = run.window.get();
-            if w.success() {
+            // Only a delivery earns the window credit: a part that was deferred (a 421 to MAIL,
+            // every recipient 4xx) or could not be read says nothing about more connections.
+            if run.delivered.get() > delivered_before {
+                let mut w = run.window.get();
+                let grew = w.success();
                 run.window.set(w);
-                add_workers(&ctx, &run);
-            } else {
-                run.window.set(w);
+                if grew {
+                    add_workers(&ctx, &run);
+                }
             }
         } else {
             client = None; // connection is broken; reconnect for the next message

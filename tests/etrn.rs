@@ -700,6 +700,36 @@ fn a_server_that_limits_sessions_gets_that_many_and_all_its_mail_in_one_run() {
     assert_eq!(relay.queued_for("node1.test"), 0);
 }
 
+#[test]
+fn deferred_recipients_do_not_open_more_connections() {
+    let dns = Dns::start(&zone());
+    let port = reserve_port();
+    let server = ScriptedServer::start(
+        "127.0.0.2",
+        port,
+        Script {
+            rcpt_reply: "451 4.3.0 Try again later".into(),
+            ..Script::default()
+        },
+    );
+    let relay = relay(
+        &dns,
+        port,
+        "",
+        "initial_connections = 2\nconnections_per_node = 6",
+        &[node("node1.test", "")],
+    );
+    submit_many(&relay, "u@node1.test", "soft", 40, 2);
+    assert_eq!(
+        etrn(&relay, "node1.test"),
+        "253 2.0.0 OK, 40 pending messages for node node1.test started"
+    );
+    wait_runs_finished(&relay, "node1.test", 1);
+    assert_eq!(server.count(), 0);
+    assert_eq!(server.peak_sessions(), 2, "the window grows on deliveries only");
+    assert_eq!(relay.queued_for("node1.test"), 40, "all kept for the next ETRN");
+}
+
 // ---- 4. outcomes ---------------------------------------------------------------------------
 
 #[test]
