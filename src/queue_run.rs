@@ -234,17 +234,23 @@ async fn worker(ctx: Rc<ShardCtx>, run: Rc<Run>) {
             run.in_flight.set(run.in_flight.get() - 1);
             continue;
         }
+        let mut server_works = false;
         if client.is_none() {
+            let delivered_at_connect = run.delivered.get();
             client = connect(&ctx, &run).await;
             if client.is_some() {
                 run.connected.set(run.connected.get() + 1);
             }
+            // Other connections are delivering, or did while this one tried (they may have
+            // emptied the queue and left during a long connect timeout).
+            server_works = run.connected.get() > 0 || run.delivered.get() > delivered_at_connect;
         }
         let Some(c) = client.as_mut() else {
             run.in_flight.set(run.in_flight.get() - 1);
-            if run.connected.get() > 0 {
-                // The server works but turned this connection away (a session limit, a 421):
-                // the connections it did take deliver this part; try fewer from now on.
+            if server_works {
+                // The server works but turned this connection away (a session limit, a 421,
+                // a connection it never answered): the connections it takes deliver this part
+                // (`finish` starts one if the others are gone); try fewer from now on.
                 shrink_window(&run);
                 ctx.queues.borrow_mut().get_mut(run.node).push_front(entry);
             } else {

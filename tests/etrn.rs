@@ -701,6 +701,26 @@ fn a_server_that_limits_sessions_gets_that_many_and_all_its_mail_in_one_run() {
 }
 
 #[test]
+fn a_connection_that_times_out_after_the_others_left_does_not_strand_its_part() {
+    let script = Script {
+        data_end_delay: Duration::from_millis(3),
+        max_sessions: Some(2),
+        ignore_extra_sessions: true,
+        ..Script::default()
+    };
+    // Greeting timeout 300 s x 0.01 (the tests' timeout_scale) = 3 s: the two sessions the
+    // server takes deliver all 60 and leave long before the third connection gives up.
+    let (relay, server) = one_run_to_scripted_server(script, "initial_connections = 2\nconnections_per_node = 3", 60);
+    assert!(server.refused_sessions() >= 1, "no third connection was tried");
+    assert_eq!(
+        (scripted_test_ids(&server).len(), server.count()),
+        (60, 60),
+        "each message once"
+    );
+    assert_eq!(relay.queued_for("node1.test"), 0);
+}
+
+#[test]
 fn deferred_recipients_do_not_open_more_connections() {
     let dns = Dns::start(&zone());
     let port = reserve_port();

@@ -842,6 +842,9 @@ pub struct Script {
     pub data_end_delay: Duration,
     /// Sessions served at once; a connection beyond them gets `421` and is closed.
     pub max_sessions: Option<usize>,
+    /// A connection beyond `max_sessions` gets no greeting at all and stays open until the
+    /// client gives up (a server or firewall that drops the extra session silently).
+    pub ignore_extra_sessions: bool,
 }
 
 impl Default for Script {
@@ -852,6 +855,7 @@ impl Default for Script {
             data_end_reply: "250 2.0.0 Ok".into(),
             data_end_delay: Duration::ZERO,
             max_sessions: None,
+            ignore_extra_sessions: false,
         }
     }
 }
@@ -895,7 +899,13 @@ impl ScriptedServer {
                 if script.max_sessions.is_some_and(|m| open > m) {
                     n.open.fetch_sub(1, Ordering::SeqCst);
                     n.refused.fetch_add(1, Ordering::SeqCst);
-                    let _ = conn.write_all(b"421 4.7.0 scripted.test Too many sessions, try later\r\n");
+                    if script.ignore_extra_sessions {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut conn, &mut std::io::sink());
+                        });
+                    } else {
+                        let _ = conn.write_all(b"421 4.7.0 scripted.test Too many sessions, try later\r\n");
+                    }
                     continue;
                 }
                 n.peak.fetch_max(open, Ordering::SeqCst);
@@ -925,7 +935,7 @@ impl ScriptedServer {
         self.sessions.opened_after.lock().unwrap().clone()
     }
 
-    /// Connections turned away with 421 (`Script::max_sessions`).
+    /// Connections turned away (`Script::max_sessions`): with 421, or ignored.
     pub fn refused_sessions(&self) -> usize {
         self.sessions.refused.load(std::sync::atomic::Ordering::SeqCst)
     }
