@@ -251,7 +251,7 @@ async fn worker(ctx: Rc<ShardCtx>, run: Rc<Run>) {
                 // The server works but turned this connection away (a session limit, a 421,
                 // a connection it never answered): the connections it takes deliver this part
                 // (`finish` starts one if the others are gone); try fewer from now on.
-                shrink_window(&run);
+                run.window_failure();
                 ctx.queues.borrow_mut().get_mut(run.node).push_front(entry);
             } else {
                 run.deferred.borrow_mut().push(entry);
@@ -264,18 +264,13 @@ async fn worker(ctx: Rc<ShardCtx>, run: Rc<Run>) {
         if ok {
             // Only a delivery earns the window credit: a part that was deferred (a 421 to MAIL,
             // every recipient 4xx) or could not be read says nothing about more connections.
-            if run.delivered.get() > delivered_before {
-                let mut w = run.window.get();
-                let grew = w.success();
-                run.window.set(w);
-                if grew {
-                    add_workers(&ctx, &run);
-                }
+            if run.delivered.get() > delivered_before && run.window_success() {
+                add_workers(&ctx, &run);
             }
         } else {
             client = None; // connection is broken; reconnect for the next message
             run.connected.set(run.connected.get() - 1);
-            shrink_window(&run);
+            run.window_failure();
         }
         // Socket writes and page-cache reads often complete without suspending, so a worker
         // could stream many messages without ever giving the latency-sensitive queue (sessions,
@@ -295,10 +290,21 @@ async fn worker(ctx: Rc<ShardCtx>, run: Rc<Run>) {
     }
 }
 
-fn shrink_window(run: &Run) {
-    let mut w = run.window.get();
-    w.failure();
-    run.window.set(w);
+impl Run {
+    /// Counts a delivery in the window; true when it just grew.
+    fn window_success(&self) -> bool {
+        let mut w = self.window.get();
+        let grew = w.success();
+        self.window.set(w);
+        grew
+    }
+
+    /// Counts a failed or refused connection in the window.
+    fn window_failure(&self) {
+        let mut w = self.window.get();
+        w.failure();
+        self.window.set(w);
+    }
 }
 
 /// The number of connections a run may have open: starts at `initial`, grows by one after

@@ -74,7 +74,7 @@ pub enum ShardMsg {
         /// The segment.
         seg: SegmentId,
         /// How many parts.
-        parts: u32,
+        parts: usize,
     },
     /// A segment file was removed: close any handle to it (its disk space is freed only when
     /// the last handle goes).

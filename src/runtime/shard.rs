@@ -45,7 +45,7 @@ pub struct ShardCtx {
     /// Parts finished here in segments other shards account for: `(shard, segment, parts)`,
     /// sent by the backlog timer as one message per segment, so a queue run costs the other
     /// shard a wake-up per tick rather than one per delivered message.
-    done_elsewhere: RefCell<Vec<(usize, SegmentId, u32)>>,
+    done_elsewhere: RefCell<Vec<(usize, SegmentId, usize)>>,
     /// Per-shard ETRN and AUTH abuse limits.
     pub etrn: crate::etrn::EtrnState,
     /// Queue runs in progress on this shard.
@@ -219,7 +219,7 @@ impl ShardCtx {
 
     /// Counts finished parts of a segment this shard accounts for; removes the segment when
     /// none is left.
-    fn parts_done_here(self: &Rc<Self>, seg: SegmentId, parts: u32) {
+    fn parts_done_here(self: &Rc<Self>, seg: SegmentId, parts: usize) {
         if self.table.parts_done(seg, parts) {
             // Every shard that read from the segment holds a handle; a removed file keeps
             // its disk space until the last one is closed.

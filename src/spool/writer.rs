@@ -175,11 +175,11 @@ impl SegmentTable {
 
     /// `parts` parts of messages in `seg` are finished; returns true if the segment is now
     /// removable.
-    pub fn parts_done(&self, seg: SegmentId, parts: u32) -> bool {
+    pub fn parts_done(&self, seg: SegmentId, parts: usize) -> bool {
         let mut live = self.live.borrow_mut();
         match live.get_mut(&seg) {
             Some(e) => {
-                e.0 = e.0.saturating_sub(parts as usize);
+                e.0 = e.0.saturating_sub(parts);
                 e.0 == 0 && e.1
             }
             None => false,
@@ -584,11 +584,7 @@ async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
         }
         if let Err(e) = &r {
             tracing::error!(error = %e, segment = %loc.segment.file_name(), offset = loc.offset, "spool write failed");
-            let mut removable = false;
-            for _ in 0..parts {
-                removable |= table.parts_done(loc.segment, 1);
-            }
-            if removable {
+            if parts > 0 && table.parts_done(loc.segment, parts) {
                 // Sealed (by a rotation while this write was in flight) and now holds nothing
                 // acknowledged: nobody else would ever remove it.
                 table.remove(loc.segment).await;
