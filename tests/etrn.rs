@@ -580,17 +580,11 @@ fn concurrent_etrns_for_one_node_deliver_every_message_exactly_once() {
 
 #[test]
 fn mail_arriving_during_a_run_is_delivered_by_that_run() {
-    let dns = Dns::start(&zone());
-    let port = reserve_port();
-    let slow = ScriptedServer::start(
-        "127.0.0.2",
-        port,
-        Script {
-            data_end_delay: Duration::from_millis(25),
-            ..Script::default()
-        },
-    );
-    let relay = relay(&dns, port, "", "connections_per_node = 2", &[node("node1.test", "")]);
+    let script = Script {
+        data_end_delay: Duration::from_millis(25),
+        ..Script::default()
+    };
+    let (_dns, slow, relay) = node1_at_scripted_server(script, "connections_per_node = 2");
     submit_many(&relay, "u@node1.test", "early", 60, 2);
     assert_eq!(
         etrn(&relay, "node1.test"),
@@ -632,13 +626,19 @@ fn scripted_test_ids(server: &ScriptedServer) -> BTreeSet<String> {
         .collect()
 }
 
-/// Queues `n` messages for node1.test, whose server (127.0.0.2) answers by `script`, starts
-/// them with one ETRN and waits until the server has them all and the run is over.
-fn one_run_to_scripted_server(script: Script, delivery_extra: &str, n: usize) -> (Relay, ScriptedServer) {
+/// A relay holding mail for node1.test, whose server (127.0.0.2) answers by `script`.
+fn node1_at_scripted_server(script: Script, delivery_extra: &str) -> (Dns, ScriptedServer, Relay) {
     let dns = Dns::start(&zone());
     let port = reserve_port();
     let server = ScriptedServer::start("127.0.0.2", port, script);
     let relay = relay(&dns, port, "", delivery_extra, &[node("node1.test", "")]);
+    (dns, server, relay)
+}
+
+/// Queues `n` messages for node1.test, whose server answers by `script`, starts them with one
+/// ETRN and waits until the server has them all and the run is over.
+fn one_run_to_scripted_server(script: Script, delivery_extra: &str, n: usize) -> (Relay, ScriptedServer) {
+    let (_dns, server, relay) = node1_at_scripted_server(script, delivery_extra);
     submit_many(&relay, "u@node1.test", "run", n, 3);
     assert_eq!(
         etrn(&relay, "node1.test"),
@@ -722,23 +722,11 @@ fn a_connection_that_times_out_after_the_others_left_does_not_strand_its_part() 
 
 #[test]
 fn deferred_recipients_do_not_open_more_connections() {
-    let dns = Dns::start(&zone());
-    let port = reserve_port();
-    let server = ScriptedServer::start(
-        "127.0.0.2",
-        port,
-        Script {
-            rcpt_reply: "451 4.3.0 Try again later".into(),
-            ..Script::default()
-        },
-    );
-    let relay = relay(
-        &dns,
-        port,
-        "",
-        "initial_connections = 2\nconnections_per_node = 6",
-        &[node("node1.test", "")],
-    );
+    let script = Script {
+        rcpt_reply: "451 4.3.0 Try again later".into(),
+        ..Script::default()
+    };
+    let (_dns, server, relay) = node1_at_scripted_server(script, "initial_connections = 2\nconnections_per_node = 6");
     submit_many(&relay, "u@node1.test", "soft", 40, 2);
     assert_eq!(
         etrn(&relay, "node1.test"),

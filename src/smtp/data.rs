@@ -852,6 +852,13 @@ mod fast_path {
     const AFTER: &[u8] =
         b"QUIT\r\n\xff\x00\n.\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n";
 
+    /// Ends a test message with `ending` (the terminator, or the rest of it) and the pipelined
+    /// bytes that must stay unread.
+    fn end_data(wire: &mut Vec<u8>, ending: &[u8]) {
+        wire.extend_from_slice(ending);
+        wire.extend_from_slice(AFTER);
+    }
+
     /// Offsets at and around the first few block edges, and a few anywhere.
     fn offsets(rng: &mut fastrand::Rng, len: usize) -> Vec<usize> {
         let mut v: Vec<usize> = (1..=5)
@@ -921,8 +928,7 @@ mod fast_path {
                         let end = input.len().min(o + defect.len());
                         input.splice(o..end, defect.iter().copied());
                     }
-                    input.extend_from_slice(b"\r\n.\r\n");
-                    input.extend_from_slice(AFTER);
+                    end_data(&mut input, b"\r\n.\r\n");
                     check(&mut rng, &input, 1 << 20, max_line);
                 }
             }
@@ -944,8 +950,7 @@ mod fast_path {
                 base.extend((0..n).map(|_| rng.u8(0x20..0x7f)));
                 base.extend_from_slice(b"\r\n");
             }
-            base.extend_from_slice(b".\r\n");
-            base.extend_from_slice(AFTER);
+            end_data(&mut base, b".\r\n");
             for o in 0..base.len() - AFTER.len() - 3 {
                 if matches!(base[o], b'\r' | b'\n' | b'.') {
                     continue;
@@ -962,8 +967,7 @@ mod fast_path {
         let mut rng = fastrand::Rng::with_seed(0x512e);
         for (max_line, eight_bit) in [(64, false), (1000, true)] {
             let mut wire = clean_wire(&mut rng, 1500, max_line, eight_bit);
-            wire.extend_from_slice(b".\r\n");
-            wire.extend_from_slice(AFTER);
+            end_data(&mut wire, b".\r\n");
             let (content, _) = reference_unstuff(&wire).expect("terminated");
             let n = content.len();
             for max_size in (0..140).chain(500..640).chain(n - 70..n + 3) {
@@ -1001,8 +1005,7 @@ mod fast_path {
                 }
                 wire.extend_from_slice(b"\r\n");
             }
-            wire.extend_from_slice(b".\r\n");
-            wire.extend_from_slice(AFTER);
+            end_data(&mut wire, b".\r\n");
             check(&mut rng, &wire, 1 << 20, max_line);
         }
     }
@@ -1024,8 +1027,7 @@ mod fast_path {
                 let at = rng.usize(0..wire.len());
                 wire.splice(at..at, std::iter::repeat_n(b'L', max_line));
             }
-            wire.extend_from_slice(b"\r\n.\r\n");
-            wire.extend_from_slice(AFTER);
+            end_data(&mut wire, b"\r\n.\r\n");
             let max_size = if rng.bool() {
                 usize::MAX
             } else {
