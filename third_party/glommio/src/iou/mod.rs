@@ -92,7 +92,7 @@ bitflags::bitflags! {
         const CQSIZE    = 1 << 3;
         const CLAMP     = 1 << 4;
         const ATTACH_WQ = 1 << 5;
-        /// No IPI to run completions' task work: it runs at the next kernel entry (5.19+).
+        /// etrn-relay patch: no IPI to run completions' task work: it runs at the next kernel entry (5.19+).
         const COOP_TASKRUN = 1 << 8;
     }
 }

@@ -904,7 +904,7 @@ struct SleepableRing {
 /// The cost: a fired preemption timer's completion reaches the latency ring (where
 /// `need_preempt` looks) at the thread's next kernel entry, so a task that computes for long
 /// without any system call is preempted late; the relay's tasks do I/O between short steps.
-/// Kernels before 5.19 reject the flags (EINVAL); the ring is then set up as upstream does.
+/// Kernels before 5.19 reject the flag (EINVAL); the ring is then set up as upstream does.
 fn new_sleepable_ring(size: u32) -> io::Result<iou::IoUring> {
     match iou::IoUring::new_with_flags(
         size,
