@@ -172,6 +172,8 @@ pub(crate) fn sendmsg_syscall(
 }
 
 mod dma_buffer;
+// etrn-relay patch: no longer called (see `Reactor::wait`), kept to keep the diff small.
+#[allow(dead_code)]
 mod membarrier;
 pub(crate) mod source;
 pub(crate) mod sysfs;
@@ -306,6 +308,11 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // etrn-relay patch: pairs with the `SeqCst` fence the sleeping executor issues after
+        // setting `should_notify` (it replaced `membarrier::heavy()` there): whatever the
+        // caller published before this call is seen by the sleeper, or the sleeper's flag is
+        // seen here.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -1243,6 +1243,8 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// etrn-relay patch: when the armed latency timer fires (see `arm_latency_timer`).
+    latency_preemption_deadline: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1374,6 +1376,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_preemption_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1841,16 +1844,41 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        //
+        // etrn-relay patch: a timer that has not fired stays armed; `arm_latency_timer`
+        // replaces it only when it would fire later than wanted. Waking up early costs a
+        // spurious wake or an early preemption; cancelling and re-arming on every call cost
+        // a TIMEOUT and an ASYNC_CANCEL per reactor poll.
+        let armed = self.latency_preemption_timeout_src.take();
+        if armed.as_ref().is_some_and(|src| src.result().is_none()) {
+            self.latency_preemption_timeout_src.set(armed);
+        } else {
+            drop(armed);
+            self.latency_preemption_deadline.set(None);
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        //
+        // etrn-relay patch: a timer that is still armed stays armed. Upstream cancels and
+        // re-arms it on every call, three SQEs and three CQEs (TIMEOUT, its linked eventfd
+        // WRITE, ASYNC_CANCEL) per reactor poll, about half of all io_uring operations of a
+        // relay serving one-message connections. Kept armed, it counts completions since it
+        // was armed rather than since this poll, so it may preempt a task queue earlier than
+        // upstream would, never later.
+        let armed = self.throughput_preemption_timeout_src.take();
+        let still_armed = armed.as_ref().is_some_and(|src| src.result().is_none());
+        if still_armed {
+            self.throughput_preemption_timeout_src.set(armed);
+        } else {
+            drop(armed);
+            self.throughput_preemption_timeout_src.set(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1872,9 +1900,9 @@ impl Reactor {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
             if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+                if self.arm_latency_timer(&mut lat_ring, dur) {
+                    assert!(flush_rings!(lat_ring)? > 0);
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1884,7 +1912,12 @@ impl Reactor {
             // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
             // details. This translates to `sys_membarrier()` /
             // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            //
+            // etrn-relay patch: a `SeqCst` fence here, paired with one in
+            // `SleepNotifier::notify` before it reads `should_notify`, instead of
+            // `membarrier::heavy()`: the syscall sends an IPI to every CPU running a thread of
+            // this process (the other shard, io-wq workers) each time a shard goes to sleep.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
@@ -1901,8 +1934,7 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            self.arm_latency_timer(&mut lat_ring, preempt);
             flush_rings!(lat_ring, main_ring)?;
         }
 
@@ -1914,6 +1946,25 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// etrn-relay patch: makes sure the latency ring flares within `dur`. An armed timer that
+    /// fires no later than that is kept; otherwise it is cancelled and a new one is queued.
+    /// Returns whether a new timer was queued (it still has to be flushed).
+    fn arm_latency_timer(&self, lat_ring: &mut SleepableRing, dur: Duration) -> bool {
+        let want = Instant::now() + dur;
+        let armed = self.latency_preemption_timeout_src.take();
+        if let (Some(src), Some(at)) = (armed.as_ref(), self.latency_preemption_deadline.get()) {
+            if src.result().is_none() && at <= want {
+                self.latency_preemption_timeout_src.set(armed);
+                return false;
+            }
+        }
+        drop(armed);
+        self.latency_preemption_timeout_src
+            .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+        self.latency_preemption_deadline.set(Some(want));
+        true
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
