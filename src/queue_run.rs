@@ -27,7 +27,7 @@ use crate::config::AuthMode;
 use crate::delivery::{ClientConfig, OutboundMessage, RcptOutcome, SmtpClient};
 use crate::dsn::{build_bounce, BounceInput, FailedRecipient};
 use crate::queue::{NodeIdx, QueueEntry};
-use crate::runtime::{ShardCtx, ShardMsg};
+use crate::runtime::ShardCtx;
 use crate::spool::record::{self, RcptState, RecordBuilder};
 use crate::spool::{self, SegmentId};
 
@@ -546,8 +546,7 @@ async fn queue_bounce(
             };
             let bounce_id = spool::queue_id(msg_id);
             match node {
-                Some(node) if owner == ctx.id => ctx.enqueue_local(node, entry),
-                Some(node) => ctx.inboxes[owner].send_reserved(ShardMsg::Enqueue { node, entry }),
+                Some(node) => ctx.enqueue(owner, node, entry),
                 None => crate::outbound::enqueue(ctx, entry, domain),
             }
             tracing::info!(queue_id = qid, bounce_id = %bounce_id, to = %sender, "bounce queued");

@@ -62,13 +62,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// A message from one shard to another.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// A newly spooled message's part for a node this shard owns.
-    Enqueue {
-        /// The node.
-        node: NodeIdx,
-        /// The part.
-        entry: QueueEntry,
-    },
+    /// Newly spooled parts for nodes this shard owns, gathered by the sending shard during one
+    /// pass of its executor ([`ShardCtx::enqueue`]). Takes one inbox slot however many parts
+    /// it carries.
+    Enqueue(Vec<(NodeIdx, QueueEntry)>),
     /// Parts of messages in a segment this shard accounts for are finished.
     PartsDone {
         /// The segment.

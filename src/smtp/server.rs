@@ -22,7 +22,7 @@ use super::data::{count_received_headers, DataError, DataReceiver, Feed};
 use super::reply::{common, Reply};
 use super::session::{Action, Session};
 use crate::queue::{NodeIdx, QueueEntry};
-use crate::runtime::{ShardCtx, ShardMsg};
+use crate::runtime::ShardCtx;
 use crate::spool::{self, record::RecordBuilder, SpoolError};
 use crate::tls::MaybeTls;
 
@@ -734,11 +734,7 @@ impl Connection {
                         rcpts,
                         table_shard: self.ctx.id as u16,
                     };
-                    if owner == self.ctx.id {
-                        self.ctx.enqueue_local(node, entry);
-                    } else {
-                        self.ctx.inboxes[owner].send_reserved(ShardMsg::Enqueue { node, entry });
-                    }
+                    self.ctx.enqueue(owner, node, entry);
                 }
                 tracing::info!(
                     queue_id = qid,
