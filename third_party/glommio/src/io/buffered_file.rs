@@ -143,12 +143,26 @@ impl BufferedFile {
     /// });
     /// ```
     pub async fn write_at(&self, buf: Vec<u8>, pos: u64) -> Result<usize> {
+        self.write_at_flags(buf, pos, false).await
+    }
+
+    /// Like [`BufferedFile::write_at`], with `RWF_DSYNC` (etrn-relay patch): when it returns
+    /// `Ok(n)`, the `n` bytes written are durable as after `fdatasync` of that range (see
+    /// `pwritev2(2)`), and a writeback error is reported here instead. One io_uring operation
+    /// (one trip through the kernel's io-wq workers) instead of a write and an `fdatasync`.
+    /// Only the range written is synced: earlier writes elsewhere in the file still need an
+    /// [`BufferedFile::fdatasync`].
+    pub async fn write_at_dsync(&self, buf: Vec<u8>, pos: u64) -> Result<usize> {
+        self.write_at_flags(buf, pos, true).await
+    }
+
+    async fn write_at_flags(&self, buf: Vec<u8>, pos: u64, dsync: bool) -> Result<usize> {
         let source =
             self.file
                 .reactor
                 .upgrade()
                 .unwrap()
-                .write_buffered(self.as_raw_fd(), buf, pos);
+                .write_buffered(self.as_raw_fd(), buf, pos, dsync);
         source.collect_rw().await.map_err(|source| {
             GlommioError::create_enhanced(
                 source,
