@@ -1445,11 +1445,13 @@ impl Reactor {
             SourceType::Write(
                 PollableStatus::NonPollable(DirectIo::Disabled),
                 IoBuffer::Buffered(buf),
-            ) if dsync => UringOpDescriptor::WriteDsync(buf.as_ptr(), buf.len(), pos),
-            SourceType::Write(
-                PollableStatus::NonPollable(DirectIo::Disabled),
-                IoBuffer::Buffered(buf),
-            ) => UringOpDescriptor::Write(buf.as_ptr(), buf.len(), pos),
+            ) => {
+                if dsync {
+                    UringOpDescriptor::WriteDsync(buf.as_ptr(), buf.len(), pos)
+                } else {
+                    UringOpDescriptor::Write(buf.as_ptr(), buf.len(), pos)
+                }
+            }
             x => panic!("Unexpected source type for write: {:?}", x),
         };
         queue_request_into_ring(
