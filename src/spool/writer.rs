@@ -100,6 +100,14 @@ struct SegFile {
     zeroed: Cell<u64>,
 }
 
+impl SegFile {
+    /// Records that a sync of this segment failed (or may have: a write with `RWF_DSYNC` that
+    /// failed): batches placed before it are not acknowledged, and nothing more is appended.
+    fn sync_failed(&self) {
+        self.sync_failures.set(self.sync_failures.get() + 1);
+    }
+}
+
 /// Zero-filling ahead of the append position.
 ///
 /// `fallocate` reserves a segment's blocks as *unwritten* extents. The first write into such an
@@ -480,7 +488,7 @@ async fn zero_fill(file: &SegFile, start: u64, end: u64) {
     match file.filler.fdatasync().await {
         Ok(()) => file.zeroed.set(file.zeroed.get().max(end)),
         Err(e) => {
-            file.sync_failures.set(file.sync_failures.get() + 1);
+            file.sync_failed();
             tracing::error!(error = %SpoolError::from(e), "spool fdatasync failed while zero-filling; the segment is retired");
         }
     }
@@ -578,7 +586,7 @@ async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
                 .await;
             if let Err(e) = &res {
                 // Its own sync may have failed and taken a writeback error.
-                file.sync_failures.set(file.sync_failures.get() + 1);
+                file.sync_failed();
                 tracing::error!(error = %e, "spool write with RWF_DSYNC failed; the batch is not acknowledged and the segment is retired");
             }
             res
@@ -604,7 +612,7 @@ async fn write_and_sync(placed: Vec<Placed>, table: &SegmentTable) {
     }
     for (file, mark) in touched {
         if let Err(e) = file.sync_gate.sync_after(mark, || file.file.fdatasync()).await {
-            file.sync_failures.set(file.sync_failures.get() + 1);
+            file.sync_failed();
             let e = SpoolError::from(e);
             tracing::error!(error = %e, "spool fdatasync failed; the batch is not acknowledged and the segment is retired");
         }
