@@ -34,7 +34,7 @@ fn spool_commit(c: &mut Criterion) {
         .expect("executor");
     let writer = ex.run({
         let seg_dir = seg_dir.clone();
-        async move { SpoolWriter::start(seg_dir.clone(), 0, 32 << 20, Rc::new(SegmentTable::new(seg_dir))) }
+        async move { SpoolWriter::start(seg_dir.clone(), 0, 32 << 20, std::time::Duration::ZERO, Rc::new(SegmentTable::new(seg_dir))) }
     });
     let mut g = c.benchmark_group("spool_commit");
     g.sample_size(10).measurement_time(Duration::from_secs(4));
@@ -53,7 +53,7 @@ fn spool_commit(c: &mut Criterion) {
                                 .map(|k| {
                                     let w = writer.clone();
                                     glommio::spawn_local(async move {
-                                        w.commit(record(it * 1000 + k as u64), 1).await.expect("commit")
+                                        w.commit(record(it * 1000 + k as u64), 1, None).await.expect("commit")
                                     })
                                 })
                                 .collect();

@@ -189,6 +189,9 @@ pub struct Config {
     pub spool_dir: PathBuf,
     /// Size of each preallocated spool segment file.
     pub spool_segment_size: u64,
+    /// Longest a spool sync waits for transactions still open on its shard to commit into it
+    /// (zero: never waits).
+    pub spool_commit_delay: Duration,
     /// Number of executors (already resolved: never 0).
     pub shards: usize,
     /// Executor placement.
@@ -225,6 +228,7 @@ struct RawConfig {
     hostname: Option<String>,
     spool_dir: Option<PathBuf>,
     spool_segment_size: Option<u64>,
+    spool_commit_delay_us: Option<u64>,
     shards: Option<usize>,
     placement: Option<Placement>,
     #[serde(default)]
@@ -380,6 +384,10 @@ impl Config {
         if !((64 << 10)..=(1 << 32)).contains(&spool_segment_size) {
             return Err(invalid("spool_segment_size", "between 65536 and 4294967296 octets"));
         }
+        let spool_commit_delay = match raw.spool_commit_delay_us.unwrap_or(1000) {
+            us @ 0..=100_000 => Duration::from_micros(us),
+            _ => return Err(invalid("spool_commit_delay_us", "between 0 and 100000 microseconds")),
+        };
         let shards = match raw.shards.unwrap_or(0) {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n if n > 256 => return Err(invalid("shards", "at most 256")),
@@ -531,6 +539,7 @@ impl Config {
             hostname: hostname.trim_end_matches('.').to_ascii_lowercase(),
             spool_dir: raw.spool_dir.unwrap_or_else(|| PathBuf::from("./spool")),
             spool_segment_size,
+            spool_commit_delay,
             shards,
             placement: raw.placement.unwrap_or(Placement::Unbound),
             smtp,

@@ -534,7 +534,7 @@ async fn queue_bounce(
         );
         return false;
     }
-    match ctx.writer.commit(rec, 1).await {
+    match ctx.writer.commit(rec, 1, None).await {
         Ok(loc) => {
             let entry = QueueEntry {
                 loc,

@@ -797,3 +797,51 @@ fn queue_listing_while_running_shows_messages_bytes_and_age_per_node() {
     // The server is still fine.
     assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
 }
+
+/// Group commit across sessions: a commit's sync waits (up to `spool_commit_delay_us`) for
+/// another session of the shard with an open transaction, and does not wait once that
+/// transaction ended without a message (RSET, or the client went away).
+#[test]
+fn a_commit_waits_only_for_transactions_still_open() {
+    let relay = Relay::start("shards = 1\nspool_commit_delay_us = 100000", "", NODES);
+    let timed_mail = |c: &mut SmtpClient, tag: &str| {
+        let t0 = Instant::now();
+        let r = c.send_mail("a@client.test", &["x@node1.test"], format!("Subject: {tag}\r\n\r\n{tag}\r\n").as_bytes());
+        assert!(r.starts_with("250 2.0.0"), "{tag}: {r}");
+        t0.elapsed()
+    };
+    let mut open = relay.client();
+    ehlo(&mut open);
+    let mut other = relay.client();
+    ehlo(&mut other);
+    assert!(timed_mail(&mut other, "alone") < Duration::from_millis(90));
+    // An open transaction on the shard: the sync waits for it, at most the delay.
+    assert!(open.cmd("MAIL FROM:<b@client.test>").starts_with("250"));
+    assert!(open.cmd("RCPT TO:<y@node1.test>").starts_with("250"));
+    let waited = timed_mail(&mut other, "waits");
+    assert!(waited >= Duration::from_millis(100), "did not wait: {waited:?}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    // RSET ends it without a message: no more waiting.
+    assert!(open.cmd("RSET").starts_with("250"));
+    assert!(timed_mail(&mut other, "after-rset") < Duration::from_millis(90));
+    // A client that goes away mid-transaction releases it too.
+    assert!(open.cmd("MAIL FROM:<b@client.test>").starts_with("250"));
+    drop(open);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(timed_mail(&mut other, "after-close") < Duration::from_millis(90));
+    // Both sessions' messages are in one sync when the open one commits within the delay.
+    let mut open = relay.client();
+    ehlo(&mut open);
+    assert!(open.cmd("MAIL FROM:<b@client.test>").starts_with("250"));
+    assert!(open.cmd("RCPT TO:<y@node1.test>").starts_with("250"));
+    let t = std::thread::spawn(move || timed_mail(&mut other, "together"));
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(open.cmd("DATA").starts_with("354"));
+    open.send(b"Subject: joined\r\n\r\njoined\r\n.\r\n");
+    let r = open.read_reply();
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    // Released by that commit, not by the delay running out.
+    let together = t.join().unwrap();
+    assert!(together < Duration::from_millis(90), "{together:?}");
+    assert_eq!(relay.queued_for("node1.test"), 6);
+}

@@ -119,7 +119,13 @@ impl ShardCtx {
         for (node, entry) in init.entries {
             queues.get_mut(node).push(entry);
         }
-        let writer = SpoolWriter::start(seg_dir.clone(), id, cfg.spool_segment_size, table.clone());
+        let writer = SpoolWriter::start(
+            seg_dir.clone(),
+            id,
+            cfg.spool_segment_size,
+            cfg.spool_commit_delay,
+            table.clone(),
+        );
         let shard_count = inboxes.len();
         let ctx = Rc::new(ShardCtx {
             id,

@@ -211,6 +211,8 @@ pub struct Connection {
     out: Vec<u8>,
     /// Discarding an overlong line until its LF.
     discarding: bool,
+    /// The commit this session has announced to the spool writer (see `SpoolWriter::incoming`).
+    announced: Option<spool::Incoming>,
 }
 
 /// Read buffer size of a new connection; it grows (up to [`MAX_BUFFER`]) only when a read
@@ -256,6 +258,7 @@ impl Connection {
             end: 0,
             out: Vec::with_capacity(4096),
             discarding: false,
+            announced: None,
         }
     }
 
@@ -374,6 +377,7 @@ impl Connection {
                     }
                     let action = self.session.handle(&self.buf[start..end]);
                     let flow = self.perform(action).await?;
+                    self.announce();
                     if let Flow::Abort = flow {
                         return Ok(());
                     }
@@ -412,6 +416,17 @@ impl Connection {
                     }
                 }
             }
+        }
+    }
+
+    /// Keeps the session's announced commit ([`spool::Incoming`]) in step with its
+    /// transaction: taken when MAIL opens one, given up when it ends without DATA (RSET,
+    /// STARTTLS, a refused DATA). DATA hands it to the commit.
+    fn announce(&mut self) {
+        match (self.session.in_transaction(), self.announced.is_some()) {
+            (true, false) => self.announced = Some(self.ctx.writer.incoming()),
+            (false, true) => self.announced = None,
+            _ => {}
         }
     }
 
@@ -582,6 +597,8 @@ impl Connection {
         self.write_received(rec.data_mut(), &qid, &txn.rcpts);
         let received_len = rec.data().len();
         Reply::new(354, "", "End data with <CR><LF>.<CR><LF>").encode_into(&mut self.out);
+        // Taken at MAIL (see `announce`); the commit below gives it back.
+        let incoming = self.announced.take().unwrap_or_else(|| self.ctx.writer.incoming());
         self.flush().await?;
         self.watch.in_data.set(true);
 
@@ -654,7 +671,7 @@ impl Connection {
             Reply::new(554, "5.4.6", "Too many Received headers: mail loop detected")
         } else {
             let eight_bit = d.saw_eight_bit() || txn.params.eight_bit;
-            self.spool(rec.finish(eight_bit), msg_id, &qid, &txn).await
+            self.spool(rec.finish(eight_bit), msg_id, &qid, &txn, incoming).await
         };
         release(&self.ctx);
         if reply.is_error() {
@@ -695,7 +712,14 @@ impl Connection {
     }
 
     /// Commits the record and hands its parts to the owning shards. Returns the reply.
-    async fn spool(&mut self, record: Vec<u8>, msg_id: u64, qid: &str, txn: &super::session::Transaction) -> Reply {
+    async fn spool(
+        &mut self,
+        record: Vec<u8>,
+        msg_id: u64,
+        qid: &str,
+        txn: &super::session::Transaction,
+        incoming: spool::Incoming,
+    ) -> Reply {
         let t0 = Instant::now();
         let mut parts: Vec<(NodeIdx, Vec<u16>)> = Vec::new();
         for (i, (_, node)) in txn.rcpts.iter().enumerate() {
@@ -723,7 +747,7 @@ impl Connection {
         }
         let len = record.len() as u32;
         let arrival = spool::unix_now();
-        match self.ctx.writer.commit(record, parts.len()).await {
+        match self.ctx.writer.commit(record, parts.len(), Some(incoming)).await {
             Ok(loc) => {
                 for ((node, rcpts), owner) in parts.into_iter().zip(owners) {
                     let entry = QueueEntry {

@@ -21,7 +21,7 @@
 pub mod record;
 mod writer;
 
-pub use writer::{Location, SegmentFiles, SegmentTable, SpoolError, SpoolWriter};
+pub use writer::{Incoming, Location, SegmentFiles, SegmentTable, SpoolError, SpoolWriter};
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
