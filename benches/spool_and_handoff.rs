@@ -34,7 +34,15 @@ fn spool_commit(c: &mut Criterion) {
         .expect("executor");
     let writer = ex.run({
         let seg_dir = seg_dir.clone();
-        async move { SpoolWriter::start(seg_dir.clone(), 0, 32 << 20, std::time::Duration::ZERO, Rc::new(SegmentTable::new(seg_dir))) }
+        async move {
+            SpoolWriter::start(
+                seg_dir.clone(),
+                0,
+                32 << 20,
+                std::time::Duration::ZERO,
+                Rc::new(SegmentTable::new(seg_dir)),
+            )
+        }
     });
     let mut g = c.benchmark_group("spool_commit");
     g.sample_size(10).measurement_time(Duration::from_secs(4));

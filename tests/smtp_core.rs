@@ -806,7 +806,11 @@ fn a_commit_waits_only_for_transactions_still_open() {
     let relay = Relay::start("shards = 1\nspool_commit_delay_us = 100000", "", NODES);
     let timed_mail = |c: &mut SmtpClient, tag: &str| {
         let t0 = Instant::now();
-        let r = c.send_mail("a@client.test", &["x@node1.test"], format!("Subject: {tag}\r\n\r\n{tag}\r\n").as_bytes());
+        let r = c.send_mail(
+            "a@client.test",
+            &["x@node1.test"],
+            format!("Subject: {tag}\r\n\r\n{tag}\r\n").as_bytes(),
+        );
         assert!(r.starts_with("250 2.0.0"), "{tag}: {r}");
         t0.elapsed()
     };

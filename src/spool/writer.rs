@@ -1061,7 +1061,10 @@ mod tests {
             t.await;
             (w.batches(), waited)
         });
-        assert!(waited, "the first commit was synced without waiting for the announced one");
+        assert!(
+            waited,
+            "the first commit was synced without waiting for the announced one"
+        );
         assert_eq!(batches, 1);
     }
 
@@ -1125,9 +1128,9 @@ mod tests {
                 let mut batch = Vec::new();
                 for id in ids {
                     let w = writer.clone();
-                    batch.push(glommio::spawn_local(
-                        async move { (id, w.commit(record(id, len), 1, None).await) },
-                    ));
+                    batch.push(glommio::spawn_local(async move {
+                        (id, w.commit(record(id, len), 1, None).await)
+                    }));
                 }
                 for t in batch {
                     tasks.push(t.await);
