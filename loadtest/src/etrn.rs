@@ -4,6 +4,9 @@
 //!
 //! Also here: the dial-in loop of the `mixed` scenario, and the probes that keep asking ETRN
 //! on persistent connections while a flush runs, to measure the reply latency under load.
+//! The probes run on a thread of their own ([`ProbeThread`]), at real-time priority where the
+//! system allows it: on the executors they would be timed by threads that also run the sinks
+//! taking the flush, and a probe would count their wait for a CPU as the server's latency.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
@@ -11,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::ledger::Hists;
-use crate::net::{connect_from, node_ip, node_name, probe_ip};
+use crate::net::{connect_from, connect_from_blocking, node_ip, node_name, probe_ip};
 use crate::pool::{Local, Shared};
 use crate::proto::{authenticate, AuthMech, Conn, Reply};
 
@@ -116,49 +119,187 @@ pub async fn dial_loop(sh: Arc<Shared>, local: std::rc::Rc<Local>, k: usize, mea
     }
 }
 
-/// Probe `j`: one connection from `probe_ip(j)` asking `ETRN` for the nodes in turn every
-/// `every` until told to stop. Replies go into the probe histogram. Returns the number of
-/// replies that were not 2xx, and a sample of them.
-pub async fn probe(
-    sh: Arc<Shared>,
-    local: std::rc::Rc<Local>,
-    j: usize,
-    nodes: Vec<usize>,
-    every: Duration,
-) -> (u64, Option<String>) {
-    let mut c = match open(&sh, IpAddr::V4(probe_ip(j)), &format!("probe{j}.client.test")).await {
-        Ok(c) => c,
-        Err(e) => return (1, Some(e)),
-    };
-    let (mut bad, mut sample) = (0u64, None);
-    // start at a random point of the interval so the probes do not ask in lock-step
-    glommio::timer::sleep(every.mul_f64(fastrand::f64())).await;
-    let mut i = j;
-    while !sh.ledger.stop_probe.load(Relaxed) && !nodes.is_empty() {
-        let k = nodes[i % nodes.len()];
-        i += 1;
-        let t = Instant::now();
-        match c.cmd(&format!("ETRN {}", node_name(k))).await {
-            Ok(r) => {
-                Hists::record(&mut local.hists.borrow_mut().probe, t.elapsed().as_micros() as u64);
-                if !r.ok() {
-                    bad += 1;
-                    sample.get_or_insert_with(|| r.line());
+/// What the probe thread measured.
+pub struct ProbeResult {
+    /// Replies that were not 2xx (or sessions that failed).
+    pub bad: u64,
+    /// One of them.
+    pub sample: Option<String>,
+    /// The scheduling the thread got: `SCHED_FIFO`, `nice -10` or `normal`.
+    pub priority: &'static str,
+}
+
+/// The ETRN probes of a flush on a plain thread: blocking sockets, one ETRN at a time, each
+/// probe `j` asking from `probe_ip(j)` every `every` for the nodes in turn, until the
+/// ledger's `stop_probe`. Reply times go into the shared probe histogram.
+pub struct ProbeThread {
+    handle: std::thread::JoinHandle<ProbeResult>,
+}
+
+impl ProbeThread {
+    /// Starts the thread, pinned to `cpus` when given (the generator's CPUs).
+    pub fn start(
+        sh: Arc<Shared>,
+        ids: Vec<usize>,
+        nodes: Vec<usize>,
+        every: Duration,
+        cpus: Option<Vec<usize>>,
+    ) -> ProbeThread {
+        let handle = std::thread::Builder::new()
+            .name("etrn-probes".into())
+            .spawn(move || {
+                if let Some(cpus) = &cpus {
+                    pin_this_thread(cpus);
                 }
+                let priority = raise_this_thread();
+                let (bad, sample) = run_probes(&sh, &ids, &nodes, every);
+                ProbeResult { bad, sample, priority }
+            })
+            .expect("spawn the probe thread");
+        ProbeThread { handle }
+    }
+
+    /// Waits for the thread (after `stop_probe` was set).
+    pub fn join(self) -> ProbeResult {
+        self.handle.join().unwrap_or(ProbeResult {
+            bad: 1,
+            sample: Some("the probe thread panicked".into()),
+            priority: "normal",
+        })
+    }
+}
+
+fn pin_this_thread(cpus: &[usize]) {
+    // SAFETY: a zeroed cpu_set_t filled with CPU_SET, passed with its size, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        let _ = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// SCHED_FIFO (priority 1) if permitted, else nice -10 if permitted, else nothing.
+fn raise_this_thread() -> &'static str {
+    // SAFETY: plain scheduler calls on the calling thread (pid 0 / PRIO_PROCESS of its tid).
+    unsafe {
+        let param = libc::sched_param { sched_priority: 1 };
+        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 {
+            return "SCHED_FIFO";
+        }
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        if libc::setpriority(libc::PRIO_PROCESS, tid, -10) == 0 {
+            return "nice -10";
+        }
+    }
+    "normal"
+}
+
+/// A blocking SMTP client connection of the probe thread.
+struct BlockingConn {
+    out: std::net::TcpStream,
+    inp: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl BlockingConn {
+    fn open(sh: &Shared, src: IpAddr, helo: &str) -> Result<BlockingConn, String> {
+        let dst: SocketAddr = sh.cfg.target;
+        let out = connect_from_blocking(src, dst, sh.cfg.io_timeout).map_err(|e| format!("connect from {src}: {e}"))?;
+        out.set_read_timeout(Some(sh.cfg.io_timeout))
+            .map_err(|e| e.to_string())?;
+        out.set_write_timeout(Some(sh.cfg.io_timeout))
+            .map_err(|e| e.to_string())?;
+        let inp = std::io::BufReader::new(out.try_clone().map_err(|e| e.to_string())?);
+        let mut c = BlockingConn { out, inp };
+        let g = c.reply().map_err(|e| format!("greeting: {e}"))?;
+        if g.0 != 220 {
+            return Err(format!("greeting: {}", g.1));
+        }
+        let r = c.cmd(&format!("EHLO {helo}")).map_err(|e| format!("EHLO: {e}"))?;
+        if r.0 != 250 {
+            return Err(format!("EHLO: {}", r.1));
+        }
+        Ok(c)
+    }
+
+    /// Reads one reply: its code and its last line.
+    fn reply(&mut self) -> std::io::Result<(u16, String)> {
+        use std::io::BufRead;
+        loop {
+            let mut line = String::new();
+            if self.inp.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
+            }
+            let b = line.as_bytes();
+            if b.len() >= 4 && b[3] == b'-' {
+                continue;
+            }
+            let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+            return Ok((code, line.trim_end().to_string()));
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> std::io::Result<(u16, String)> {
+        use std::io::Write;
+        self.out.write_all(format!("{line}\r\n").as_bytes())?;
+        self.reply()
+    }
+}
+
+fn run_probes(sh: &Shared, ids: &[usize], nodes: &[usize], every: Duration) -> (u64, Option<String>) {
+    let (mut bad, mut sample) = (0u64, None::<String>);
+    let mut conns = Vec::new();
+    let start = Instant::now();
+    for &j in ids {
+        match BlockingConn::open(sh, IpAddr::V4(probe_ip(j)), &format!("probe{j}.client.test")) {
+            // start at a random point of the interval so the probes do not ask in lock-step
+            Ok(c) => conns.push((j, c, start + every.mul_f64(fastrand::f64()), j)),
+            Err(e) => {
+                bad += 1;
+                sample.get_or_insert(e);
+            }
+        }
+    }
+    while !sh.ledger.stop_probe.load(Relaxed) && !nodes.is_empty() && !conns.is_empty() {
+        let (i, due) = conns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.2))
+            .min_by_key(|(_, due)| *due)
+            .expect("not empty");
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep((due - now).min(Duration::from_millis(20)));
+            continue;
+        }
+        let (_, c, next, turn) = &mut conns[i];
+        let k = nodes[*turn % nodes.len()];
+        *turn += 1;
+        let t = Instant::now();
+        match c.cmd(&format!("ETRN {}", node_name(k))) {
+            Ok((code, line)) => {
+                let us = t.elapsed().as_micros() as u64;
+                Hists::record(&mut sh.ledger.hists.lock().unwrap_or_else(|e| e.into_inner()).probe, us);
+                if !(200..300).contains(&code) {
+                    bad += 1;
+                    sample.get_or_insert(line);
+                }
+                *next = t + every;
             }
             Err(e) => {
                 bad += 1;
-                sample.get_or_insert_with(|| e.to_string());
-                return (bad, sample);
+                sample.get_or_insert(e.to_string());
+                conns.swap_remove(i);
             }
         }
-        let next = t + every;
-        let now = Instant::now();
-        if next > now {
-            glommio::timer::sleep(next - now).await;
-        }
     }
-    c.quit().await;
+    for (_, c, _, _) in &mut conns {
+        let _ = c.cmd("QUIT");
+    }
     (bad, sample)
 }
 

@@ -60,6 +60,15 @@ pub fn check_target(spec: &str, allow_remote: bool) -> Result<SocketAddr, String
 /// to glommio. The connect itself is a blocking call with a timeout: on loopback it completes
 /// at once, and glommio's own `connect` cannot bind a source address first.
 pub fn connect_from(src: IpAddr, dst: SocketAddr, timeout: Duration) -> io::Result<glommio::net::TcpStream> {
+    Ok(glommio::net::TcpStream::from(socket_from(src, dst, timeout)?))
+}
+
+/// Like [`connect_from`], a plain blocking `std` stream (for threads without an executor).
+pub fn connect_from_blocking(src: IpAddr, dst: SocketAddr, timeout: Duration) -> io::Result<std::net::TcpStream> {
+    Ok(socket_from(src, dst, timeout)?.into())
+}
+
+fn socket_from(src: IpAddr, dst: SocketAddr, timeout: Duration) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
     let domain = if dst.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
     let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
@@ -67,7 +76,7 @@ pub fn connect_from(src: IpAddr, dst: SocketAddr, timeout: Duration) -> io::Resu
     s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
     s.connect_timeout(&SockAddr::from(dst), timeout)?;
     s.set_nodelay(true)?;
-    Ok(glommio::net::TcpStream::from(s))
+    Ok(s)
 }
 
 /// A TCP port that is free on every address in `ips` right now (checked by binding each).

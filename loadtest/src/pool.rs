@@ -96,9 +96,6 @@ pub enum Cmd {
     Etrn(Vec<usize>),
     /// Dial in from these nodes at random intervals of this mean until `stop_dial`.
     Dial(Vec<usize>, Duration),
-    /// Start ETRN probes with these indexes asking for these nodes every interval, until
-    /// `stop_probe`.
-    Probe(Vec<usize>, Vec<usize>, Duration),
     /// Stop.
     Shutdown,
 }
@@ -114,8 +111,6 @@ pub enum Event {
     EtrnDone(Vec<Outcome>),
     /// The dial loops ended; the non-2xx outcomes.
     DialDone(Vec<Outcome>),
-    /// The probes ended: non-2xx count and a sample.
-    ProbeDone(u64, Option<String>),
 }
 
 /// The running executors.
@@ -249,8 +244,6 @@ enum EtrnTaskOut {
     One(Outcome),
     /// A dial loop's non-2xx outcomes.
     Many(Vec<Outcome>),
-    /// A probe's non-2xx count and sample.
-    Probe(u64, Option<String>),
 }
 
 async fn worker(sh: Arc<Shared>, rx: async_channel::Receiver<Cmd>, ev: mpsc::Sender<Event>, idx: usize) {
@@ -345,31 +338,6 @@ async fn worker(sh: Arc<Shared>, rx: async_channel::Receiver<Cmd>, ev: mpsc::Sen
                         }
                     }
                     let _ = ev2.send(Event::DialDone(bad));
-                })
-                .detach();
-            }
-            Cmd::Probe(probes, nodes, every) => {
-                let tasks: Vec<_> = probes
-                    .into_iter()
-                    .map(|j| {
-                        let (sh, local, nodes) = (sh2.clone(), local2.clone(), nodes.clone());
-                        spawn_etrn(Box::pin(async move {
-                            let (b, s) = etrn::probe(sh, local, j, nodes, every).await;
-                            EtrnTaskOut::Probe(b, s)
-                        }))
-                    })
-                    .collect();
-                glommio::spawn_local(async move {
-                    let (mut bad, mut sample) = (0, None);
-                    for t in tasks {
-                        if let EtrnTaskOut::Probe(b, s) = t.await {
-                            bad += b;
-                            if sample.is_none() {
-                                sample = s;
-                            }
-                        }
-                    }
-                    let _ = ev2.send(Event::ProbeDone(bad, sample));
                 })
                 .detach();
             }

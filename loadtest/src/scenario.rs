@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::etrn::Outcome;
+use crate::etrn::{Outcome, ProbeResult, ProbeThread};
 use crate::ledger::{Hists, Ledger};
 use crate::metrics::{HistSummary, Monitor};
 use crate::net::node_name;
@@ -311,15 +311,24 @@ impl Driver<'_> {
             self.pool.send(i, Cmd::Etrn(share));
         }
         let probing = probes && plan.probes > 0;
+        let mut probe_thread = None;
         if probing {
             self.ledger().stop_probe.store(false, Relaxed);
             let busy: Vec<usize> = (0..dialup)
                 .filter(|k| self.ledger().acked_per_node[*k].load(Relaxed) > 0)
                 .collect();
             let ids: Vec<usize> = (0..plan.probes).collect();
-            for (i, share) in self.pool.split(&ids).into_iter().enumerate() {
-                self.pool.send(i, Cmd::Probe(share, busy.clone(), plan.probe_interval));
-            }
+            let cpus = match &plan.cores {
+                Cores::Pinned(c) => Some(c.clone()),
+                Cores::Unbound(_) => None,
+            };
+            probe_thread = Some(ProbeThread::start(
+                self.sh.clone(),
+                ids,
+                busy,
+                plan.probe_interval,
+                cpus,
+            ));
         }
         let deadline = Instant::now() + plan.drain_timeout;
         let mut outcomes: Vec<Outcome> = Vec::new();
@@ -361,25 +370,12 @@ impl Driver<'_> {
                 break;
             }
         }
-        if probing {
+        if let Some(t) = probe_thread {
             self.ledger().stop_probe.store(true, Relaxed);
-            let mut bad = 0;
-            let mut sample = None;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            self.wait_events(mon, n, deadline, |e| match e {
-                Event::ProbeDone(b, s) => {
-                    bad += b;
-                    if sample.is_none() {
-                        sample = s;
-                    }
-                    true
-                }
-                Event::EtrnDone(o) => {
-                    outcomes.extend(o);
-                    false
-                }
-                _ => false,
-            });
+            let ProbeResult { bad, sample, priority } = t.join();
+            self.res.notes.push(format!(
+                "{what}ETRN probes: timed on a thread of their own ({priority})"
+            ));
             if bad > 0 {
                 self.res.notes.push(format!(
                     "{what}flush: {bad} probe ETRNs were not answered 2xx (e.g. `{}`)",

@@ -219,6 +219,14 @@ fn flush_scenario_with_probes() {
     assert_eq!(r.figure(0, "etrn_count_mismatches"), Some(0.0));
     assert_eq!(r.hist_count(0, "etrn_to_last_delivery"), 2);
     assert_eq!(r.hist_count(0, "end_to_end"), 2000);
+    // The probes ran on their own thread and every ETRN they sent got a 2xx.
+    assert!(
+        r.markdown.contains("ETRN probes: timed on a thread of their own"),
+        "{}",
+        r.markdown
+    );
+    assert!(r.hist_count(0, "etrn_reply_during_flush") > 0, "{}", r.markdown);
+    assert!(!r.markdown.contains("probe ETRNs were not answered"), "{}", r.markdown);
 }
 
 #[test]
