@@ -9,8 +9,8 @@
 //! pile up for the next round, so under load one sync covers many messages and with one
 //! client it costs one sync per message.
 //!
-//! Commit delay: a session that has told its client to send the message body holds an
-//! [`Incoming`] token from MAIL until it commits (or the transaction ends). While such sessions
+//! Commit delay: a session with a mail transaction open holds an [`Incoming`] token from MAIL
+//! until it commits (or the transaction ends without a message). While such sessions
 //! exist, the flusher waits for them, up to the configured commit delay (1 ms by default),
 //! before it syncs: a sync costs about as much CPU as the rest of a small message's
 //! transaction, and on a busy machine the sessions mid-transaction commit within a few client
@@ -308,7 +308,8 @@ impl SpoolWriter {
         }
         let (done, rx) = local_channel::new_bounded(1);
         self.inner.pending.borrow_mut().push(Pending { record, parts, done });
-        // The record is pending before its token goes: the flusher never sees neither.
+        // The record is pending before its token goes, so the flusher never sees this
+        // transaction as finished with nothing to sync.
         drop(announced);
         let _ = self.inner.bell.try_send(());
         rx.recv().await.unwrap_or(Err(SpoolError::Closed))
