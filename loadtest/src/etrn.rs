@@ -213,37 +213,36 @@ impl BlockingConn {
         let inp = std::io::BufReader::new(out.try_clone().map_err(|e| e.to_string())?);
         let mut c = BlockingConn { out, inp };
         let g = c.reply().map_err(|e| format!("greeting: {e}"))?;
-        if g.0 != 220 {
-            return Err(format!("greeting: {}", g.1));
+        if g.code != 220 {
+            return Err(format!("greeting: {}", g.line()));
         }
         let r = c.cmd(&format!("EHLO {helo}")).map_err(|e| format!("EHLO: {e}"))?;
-        if r.0 != 250 {
-            return Err(format!("EHLO: {}", r.1));
+        if r.code != 250 {
+            return Err(format!("EHLO: {}", r.line()));
         }
         Ok(c)
     }
 
-    /// Reads one reply: its code and its last line.
-    fn reply(&mut self) -> std::io::Result<(u16, String)> {
+    /// Reads one complete reply (parsed by [`Reply::add_line`], as [`Conn`] does).
+    fn reply(&mut self) -> std::io::Result<Reply> {
         use std::io::BufRead;
+        let mut text = String::new();
         loop {
             let mut line = String::new();
             if self.inp.read_line(&mut line)? == 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    "connection closed",
+                    "server closed the connection",
                 ));
             }
-            let b = line.as_bytes();
-            if b.len() >= 4 && b[3] == b'-' {
-                continue;
+            let l = line.strip_suffix('\n').unwrap_or(&line);
+            if let Some(reply) = Reply::add_line(&mut text, l.strip_suffix('\r').unwrap_or(l))? {
+                return Ok(reply);
             }
-            let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-            return Ok((code, line.trim_end().to_string()));
         }
     }
 
-    fn cmd(&mut self, line: &str) -> std::io::Result<(u16, String)> {
+    fn cmd(&mut self, line: &str) -> std::io::Result<Reply> {
         use std::io::Write;
         self.out.write_all(format!("{line}\r\n").as_bytes())?;
         self.reply()
@@ -257,7 +256,7 @@ fn run_probes(sh: &Shared, ids: &[usize], nodes: &[usize], every: Duration) -> (
     for &j in ids {
         match BlockingConn::open(sh, IpAddr::V4(probe_ip(j)), &format!("probe{j}.client.test")) {
             // start at a random point of the interval so the probes do not ask in lock-step
-            Ok(c) => conns.push((j, c, start + every.mul_f64(fastrand::f64()), j)),
+            Ok(c) => conns.push((c, start + every.mul_f64(fastrand::f64()), j)),
             Err(e) => {
                 bad += 1;
                 sample.get_or_insert(e);
@@ -268,7 +267,7 @@ fn run_probes(sh: &Shared, ids: &[usize], nodes: &[usize], every: Duration) -> (
         let (i, due) = conns
             .iter()
             .enumerate()
-            .map(|(i, c)| (i, c.2))
+            .map(|(i, c)| (i, c.1))
             .min_by_key(|(_, due)| *due)
             .expect("not empty");
         let now = Instant::now();
@@ -276,17 +275,17 @@ fn run_probes(sh: &Shared, ids: &[usize], nodes: &[usize], every: Duration) -> (
             std::thread::sleep((due - now).min(Duration::from_millis(20)));
             continue;
         }
-        let (_, c, next, turn) = &mut conns[i];
+        let (c, next, turn) = &mut conns[i];
         let k = nodes[*turn % nodes.len()];
         *turn += 1;
         let t = Instant::now();
         match c.cmd(&format!("ETRN {}", node_name(k))) {
-            Ok((code, line)) => {
+            Ok(r) => {
                 let us = t.elapsed().as_micros() as u64;
                 Hists::record(&mut sh.ledger.hists.lock().unwrap_or_else(|e| e.into_inner()).probe, us);
-                if !(200..300).contains(&code) {
+                if !r.ok() {
                     bad += 1;
-                    sample.get_or_insert(line);
+                    sample.get_or_insert_with(|| r.line());
                 }
                 *next = t + every;
             }
@@ -297,7 +296,7 @@ fn run_probes(sh: &Shared, ids: &[usize], nodes: &[usize], every: Duration) -> (
             }
         }
     }
-    for (_, c, _, _) in &mut conns {
+    for (c, _, _) in &mut conns {
         let _ = c.cmd("QUIT");
     }
     (bad, sample)

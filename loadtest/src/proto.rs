@@ -28,6 +28,31 @@ impl Reply {
         format!("{} {}", self.code, self.text.lines().next().unwrap_or(""))
     }
 
+    /// Adds one reply line (without its line end) to the text gathered so far; returns the
+    /// reply when this was its last line. The one parser of reply lines, for the async
+    /// [`Conn`] and for blocking clients.
+    pub fn add_line(text: &mut String, line: &str) -> io::Result<Option<Reply>> {
+        let b = line.as_bytes();
+        if b.len() < 3 || !b[..3].iter().all(u8::is_ascii_digit) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("malformed reply line `{line}`"),
+            ));
+        }
+        let code: u16 = line[..3].parse().unwrap_or(0);
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(line.get(4..).unwrap_or(""));
+        if b.get(3) == Some(&b'-') {
+            return Ok(None);
+        }
+        Ok(Some(Reply {
+            code,
+            text: std::mem::take(text),
+        }))
+    }
+
     /// Whether an EHLO reply advertises `keyword` (case-insensitive, first word of a line).
     pub fn has_ext(&self, keyword: &str) -> bool {
         self.text.lines().skip(1).any(|l| {
@@ -110,20 +135,8 @@ impl Conn {
         let mut text = String::new();
         loop {
             let line = self.read_line().await?;
-            let b = line.as_bytes();
-            if b.len() < 3 || !b[..3].iter().all(u8::is_ascii_digit) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("malformed reply line `{line}`"),
-                ));
-            }
-            let code: u16 = line[..3].parse().unwrap_or(0);
-            if !text.is_empty() {
-                text.push('\n');
-            }
-            text.push_str(line.get(4..).unwrap_or(""));
-            if b.get(3) != Some(&b'-') {
-                return Ok(Reply { code, text });
+            if let Some(reply) = Reply::add_line(&mut text, &line)? {
+                return Ok(reply);
             }
         }
     }
