@@ -384,7 +384,7 @@ impl Config {
         if !((64 << 10)..=(1 << 32)).contains(&spool_segment_size) {
             return Err(invalid("spool_segment_size", "between 65536 and 4294967296 octets"));
         }
-        let spool_commit_delay = match raw.spool_commit_delay_us.unwrap_or(1000) {
+        let spool_commit_delay = match raw.spool_commit_delay_us.unwrap_or(500) {
             us @ 0..=100_000 => Duration::from_micros(us),
             _ => return Err(invalid("spool_commit_delay_us", "between 0 and 100000 microseconds")),
         };
