@@ -9,7 +9,7 @@
 # Needs the peers of shared/peers/setup.sh, installed and started (`setup.sh install`, `start`):
 # Postfix on 127.0.0.1:2525, smtp-sink -c on :2626 (run/sink.out), smtp-sink on :2727, DNS on :5353.
 # Usage: loadtest/postfix-compare.sh [A=20000] [F=10000] [ROUNDS=3]   (BIN= overrides the relay;
-# A=0 skips the accept rounds)
+# SHARDS=n sets its shards, default one per CPU; A=0 or F=0 skips those rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=${1:-20000}; F=${2:-10000}; ROUNDS=${3:-3}
@@ -34,6 +34,7 @@ start_relay() {
   cat > "$W/relay.toml" <<EOF
 hostname = "relay.test"
 spool_dir = "$W/spool"
+shards = ${SHARDS:-0}
 [smtp]
 listen = ["127.0.0.1:$RPORT"]
 [dns]
@@ -87,6 +88,7 @@ for r in $(seq 1 "$([ "$A" -gt 0 ] && echo "$ROUNDS" || echo 0)"); do
   postsuper -d ALL >/dev/null 2>&1 || true; sleep 2
 done
 
+[ "$F" -gt 0 ] || exit 0
 echo "# flush: $F queued 1 KiB messages for node1.test, one ETRN, until smtp-sink -c has them all"
 $SINKBIN -c -u nobody "127.0.0.2:$FPORT" 256 > "$W/fsink.out" 2>&1 & FSP=$!
 sleep 0.3
