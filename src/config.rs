@@ -649,6 +649,31 @@ mod tests {
         assert!(c.shards >= 1);
     }
 
+    /// `etrn-relay.example.toml` says it shows every key with its default: every setting it
+    /// shares with the built-in default (all but the name, the node and its TLS files) must
+    /// parse to the same value, so a changed default cannot leave the example behind.
+    #[test]
+    fn the_example_file_shows_the_defaults() {
+        let text = include_str!("../etrn-relay.example.toml");
+        let example = Config::from_toml(text).expect("the example file is valid");
+        let default = Config::builtin_default();
+        let shown = |c: &Config| {
+            format!(
+                "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+                c.spool_dir,
+                c.spool_segment_size,
+                c.spool_commit_delay,
+                c.shards,
+                c.placement,
+                c.smtp,
+                c.dns,
+                c.delivery,
+                c.tls.is_some()
+            )
+        };
+        assert_eq!(shown(&example), shown(&default));
+    }
+
     #[test]
     fn errors_name_key_and_line() {
         let e = Config::from_toml("hostname = \"a.b\"\n[smtp]\nmax_recipients = \"x\"\n").unwrap_err();
