@@ -15,8 +15,8 @@
 //! counted from the oldest pending record's commit), before it syncs: a sync costs about as
 //! much CPU as the rest of a small message's transaction, and on a busy machine the sessions
 //! mid-transaction commit within a few client round trips, so waiting for them turns several
-//! syncs into one. With nobody else in a
-//! transaction (one client, or a quiet relay) the sync starts at once.
+//! syncs into one. With nobody else in a transaction (one client, or a quiet relay) the sync
+//! starts at once.
 //!
 //! No `RefCell` borrow is held across an `.await` here.
 
@@ -1118,19 +1118,19 @@ mod tests {
     }
 
     /// The delay counts from the record's commit, not from when the flusher gets to it: a
-    /// record that waited while its shard was busy (here: the executor blocked for 200 ms,
-    /// as a batch's sync or other sessions' work would hold the flusher back) waits only what
-    /// is left of the 300 ms.
+    /// record that waited while its shard was busy (here: the executor blocked for 300 ms,
+    /// as a batch's sync or other sessions' work would hold the flusher back) has waited out
+    /// its 200 ms and is synced at once (counted from the flusher, it would be 500 ms).
     #[test]
     fn the_commit_delay_counts_from_the_commit() {
         let elapsed = run(|| async {
-            let (w, _dir) = delayed_writer(Duration::from_millis(300));
+            let (w, _dir) = delayed_writer(Duration::from_millis(200));
             let _never = w.incoming();
             let t0 = std::time::Instant::now();
             let mut commit = std::pin::pin!(w.commit(record(1, 100), 1, None));
             // One poll makes the record pending; the flusher cannot run before this task yields.
             assert!(futures_lite::future::poll_once(commit.as_mut()).await.is_none());
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(300));
             commit.await.expect("committed");
             t0.elapsed()
         });
