@@ -273,9 +273,14 @@ fn helo_name_ok(name: &str) -> bool {
 /// Gives `reply` (a 421: the server is closing) as a deferral to every recipient still
 /// without an outcome.
 fn defer_rest(reply: &Reply, to_send: &[(usize, &str)], outcomes: &mut [Option<RcptOutcome>]) {
+    settle_rest(&RcptOutcome::Deferred(reply.clone()), to_send, outcomes);
+}
+
+/// Gives `outcome` to every recipient of `to_send` still without one.
+fn settle_rest(outcome: &RcptOutcome, to_send: &[(usize, &str)], outcomes: &mut [Option<RcptOutcome>]) {
     for &(i, _) in to_send {
         if outcomes[i].is_none() {
-            outcomes[i] = Some(RcptOutcome::Deferred(reply.clone()));
+            outcomes[i] = Some(outcome.clone());
         }
     }
 }
@@ -610,12 +615,7 @@ impl SmtpClient {
             return Ok(false);
         }
         if accepted > 0 {
-            let o = classify_failure(data_reply, "DATA")?;
-            for &(i, _) in to_send {
-                if outcomes[i].is_none() {
-                    outcomes[i] = Some(o.clone());
-                }
-            }
+            settle_rest(&classify_failure(data_reply, "DATA")?, to_send, outcomes);
         }
         Ok(mail_ok)
     }
@@ -658,12 +658,7 @@ impl SmtpClient {
             self.send_body(body, to_send, outcomes).await?;
             return Ok(false);
         }
-        let o = classify_failure(data_reply, "DATA")?;
-        for &(i, _) in to_send {
-            if outcomes[i].is_none() {
-                outcomes[i] = Some(o.clone());
-            }
-        }
+        settle_rest(&classify_failure(data_reply, "DATA")?, to_send, outcomes);
         Ok(true)
     }
 
@@ -686,12 +681,7 @@ impl SmtpClient {
             }
         }
         let reply = self.read_reply(self.cfg.data_end_timeout, "data end").await?;
-        let o = classify(reply, "end of data")?;
-        for &(i, _) in to_send {
-            if outcomes[i].is_none() {
-                outcomes[i] = Some(o.clone());
-            }
-        }
+        settle_rest(&classify(reply, "end of data")?, to_send, outcomes);
         Ok(())
     }
 

@@ -262,6 +262,17 @@ impl Connection {
         }
     }
 
+    /// The last reply of a connection whose read timed out: the shutdown's 421 when the relay
+    /// is draining (a drain expires every idle timer, so the shutdown is the cause), otherwise
+    /// the timeout's own 421.
+    fn timeout_reply(&self) -> Reply {
+        if self.ctx.draining.get() {
+            common::SHUTDOWN
+        } else {
+            common::TIMEOUT
+        }
+    }
+
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
             self.watch.extend(self.ctx.cfg.smtp.timeout);
@@ -403,12 +414,7 @@ impl Connection {
                         Ok(false) => return Ok(()),
                         Err(e) if is_timeout(&e) => {
                             self.out.clear();
-                            let r = if self.ctx.draining.get() {
-                                common::SHUTDOWN
-                            } else {
-                                common::TIMEOUT
-                            };
-                            r.encode_into(&mut self.out);
+                            self.timeout_reply().encode_into(&mut self.out);
                             let _ = self.flush().await;
                             return Ok(());
                         }
@@ -652,12 +658,7 @@ impl Connection {
                 if is_timeout(&e) {
                     tracing::info!(queue_id = %qid, peer = %self.session.peer(), "timeout during DATA; message discarded");
                     self.out.clear();
-                    let r = if self.ctx.draining.get() {
-                        common::SHUTDOWN
-                    } else {
-                        common::TIMEOUT
-                    };
-                    r.encode_into(&mut self.out);
+                    self.timeout_reply().encode_into(&mut self.out);
                     return Ok(Flow::Close);
                 }
                 return Err(e.into());
