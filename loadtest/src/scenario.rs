@@ -25,6 +25,9 @@ use crate::pool::{Cmd, Cores, Event, Pool, RunCfg, Shared};
 use crate::relay::SpawnedRelay;
 use crate::report::RunResult;
 
+/// After a flush stalls, how long to wait for dial-ins still running to report.
+const ETRN_DONE_GRACE: Duration = Duration::from_secs(2);
+
 /// The scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -368,6 +371,29 @@ impl Driver<'_> {
                 ));
                 stalled = true;
                 break;
+            }
+        }
+        if stalled && etrn_done < n {
+            // The relay went away or stopped delivering while some dial-ins were still
+            // running: they end on their own timeouts, and their outcomes (the 4xx/5xx or
+            // connection errors that explain the stall) belong in the report.
+            let until = Instant::now() + ETRN_DONE_GRACE;
+            while etrn_done < n {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                if let Ok(Event::EtrnDone(o)) = self.pool.events.recv_timeout(left) {
+                    outcomes.extend(o);
+                    etrn_done += 1;
+                }
+            }
+            if etrn_done < n {
+                self.res.notes.push(format!(
+                    "{what}flush: {} of {n} executors had not finished their dial-ins {:?} after the stall",
+                    n - etrn_done,
+                    ETRN_DONE_GRACE
+                ));
             }
         }
         if let Some(t) = probe_thread {

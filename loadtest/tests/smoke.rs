@@ -334,6 +334,8 @@ enum Fault {
     Drop,
     Corrupt,
     Duplicate,
+    /// Takes ETRN and never answers it.
+    EtrnSilent,
 }
 
 type Held = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
@@ -401,6 +403,9 @@ fn serve_fake(s: TcpStream, held: &Held, fault: Fault, sink_port: u16) -> std::i
             }
             held.lock().unwrap().push((domain.clone(), data));
             w.write_all(b"250 queued\r\n")?;
+        } else if up.starts_with("ETRN") && fault == Fault::EtrnSilent {
+            std::thread::sleep(Duration::from_secs(30));
+            return Ok(());
         } else if up.starts_with("ETRN") {
             let node = line[5..].trim().to_string();
             w.write_all(b"250 Queuing started\r\n")?;
@@ -517,6 +522,37 @@ fn faulty_target_is_reported_and_fails_the_run() {
             assert_eq!(r.integrity(0, "lost"), 1);
         }
     }
+}
+
+#[test]
+fn a_flush_that_gives_up_still_reports_the_etrn_outcomes() {
+    // The target takes the mail and never answers ETRN: the flush gives up at the drain
+    // timeout (1 s) while the dial-ins still wait for their replies (2 s I/O timeout); their
+    // timeouts, the reason nothing arrived, must still reach the report.
+    let _g = serial();
+    let port = reserved_port();
+    let addr = fake_relay(Fault::EtrnSilent, port);
+    let r = loadtest(&[
+        "flush",
+        "--target",
+        &addr.to_string(),
+        "--sink-port",
+        &port.to_string(),
+        "-s",
+        "2",
+        "-m",
+        "20",
+        "--probes",
+        "0",
+        "--drain-timeout",
+        "1",
+        "--io-timeout",
+        "2",
+    ]);
+    assert_eq!(r.code(), 1, "{}", r.explain());
+    assert_eq!(r.integrity(0, "lost"), 20, "{}", r.markdown);
+    assert!(r.markdown.contains("gave up after the drain timeout"), "{}", r.markdown);
+    assert!(r.markdown.contains("ETRN for node1.test answered"), "{}", r.markdown);
 }
 
 #[test]
