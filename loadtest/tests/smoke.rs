@@ -482,6 +482,29 @@ fn reserved_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// A `flush` of `messages` over 2 sessions, no probes, against a fresh [`fake_relay`] with
+/// `fault`, plus `extra` arguments.
+fn flush_against_fake(fault: Fault, messages: usize, extra: &[&str]) -> Run {
+    let port = reserved_port();
+    let addr = fake_relay(fault, port);
+    let (addr, port, messages) = (addr.to_string(), port.to_string(), messages.to_string());
+    let mut args = vec![
+        "flush",
+        "--target",
+        &addr,
+        "--sink-port",
+        &port,
+        "-s",
+        "2",
+        "-m",
+        &messages,
+        "--probes",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    loadtest(&args)
+}
+
 #[test]
 fn faulty_target_is_reported_and_fails_the_run() {
     let _g = serial();
@@ -490,23 +513,7 @@ fn faulty_target_is_reported_and_fails_the_run() {
         (Fault::Corrupt, "corrupt"),
         (Fault::Duplicate, "duplicates"),
     ] {
-        let port = reserved_port();
-        let addr = fake_relay(fault, port);
-        let r = loadtest(&[
-            "flush",
-            "--target",
-            &addr.to_string(),
-            "--sink-port",
-            &port.to_string(),
-            "-s",
-            "2",
-            "-m",
-            "50",
-            "--probes",
-            "0",
-            "--stall-timeout",
-            "3",
-        ]);
+        let r = flush_against_fake(fault, 50, &["--stall-timeout", "3"]);
         assert_eq!(r.integrity(0, field), 1, "{fault:?}: {}", r.markdown);
         if fault == Fault::Duplicate {
             // a duplicate is reported; the run fails only on loss or damage
@@ -530,25 +537,7 @@ fn a_flush_that_gives_up_still_reports_the_etrn_outcomes() {
     // timeout (1 s) while the dial-ins still wait for their replies (2 s I/O timeout); their
     // timeouts, the reason nothing arrived, must still reach the report.
     let _g = serial();
-    let port = reserved_port();
-    let addr = fake_relay(Fault::EtrnSilent, port);
-    let r = loadtest(&[
-        "flush",
-        "--target",
-        &addr.to_string(),
-        "--sink-port",
-        &port.to_string(),
-        "-s",
-        "2",
-        "-m",
-        "20",
-        "--probes",
-        "0",
-        "--drain-timeout",
-        "1",
-        "--io-timeout",
-        "2",
-    ]);
+    let r = flush_against_fake(Fault::EtrnSilent, 20, &["--drain-timeout", "1", "--io-timeout", "2"]);
     assert_eq!(r.code(), 1, "{}", r.explain());
     assert_eq!(r.integrity(0, "lost"), 20, "{}", r.markdown);
     assert!(r.markdown.contains("gave up after the drain timeout"), "{}", r.markdown);
