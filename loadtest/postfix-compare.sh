@@ -23,18 +23,10 @@ SRC=/usr/sbin/smtp-source; SINKBIN=/usr/sbin/smtp-sink
 [ -x "$BIN" ] || cargo build --release -p etrn-relay
 [ -x "$SRC" ] || { echo "smtp-source missing: apt-get install postfix"; exit 1; }
 postfix status >/dev/null 2>&1 || { echo "Postfix is not running: bash shared/peers/setup.sh install && bash shared/peers/setup.sh start"; exit 1; }
-W=$(mktemp -d); RP=""; FSP=""
-cleanup() { [ -n "$RP" ] && kill "$RP" 2>/dev/null; [ -n "$FSP" ] && kill "$FSP" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"; }
-trap 'cleanup; [ "$LAYOUT" = unbound ] || pin_servers "0-$(($(nproc) - 1))"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-RPORT=$(free_port); FPORT=$(free_port)
-queued() { find /var/spool/postfix/{incoming,active,deferred,maildrop} -type f 2>/dev/null | wc -l; }
-deferred() { find /var/spool/postfix/deferred -type f 2>/dev/null | wc -l; }
-now() { date +%s.%N; }
-rate() { python3 -c "print(f'{$1/($3-$2):.0f}')"; }
+ALL_CPUS="0-$(($(nproc) - 1))"
 LAYOUT=${LAYOUT:-unbound}
 case "$LAYOUT" in
-  unbound) SERVER_CPUS="0-$(($(nproc) - 1))"; CLIENT_CPUS=$SERVER_CPUS ;;
+  unbound) SERVER_CPUS=$ALL_CPUS; CLIENT_CPUS=$ALL_CPUS ;;
   pinned) [ "$(nproc)" -ge 2 ] || { echo "LAYOUT=pinned needs 2 CPUs"; exit 1; }; SERVER_CPUS=1; CLIENT_CPUS=0 ;;
   *) echo "LAYOUT is unbound or pinned"; exit 1 ;;
 esac
@@ -44,6 +36,15 @@ pin_servers() {
   local p
   for p in $(pgrep -x master) $(pgrep -U postfix) $(pgrep -x smtp-sink); do taskset -pc "$1" "$p" >/dev/null 2>&1 || true; done
 }
+W=$(mktemp -d); RP=""; FSP=""
+cleanup() { [ -n "$RP" ] && kill "$RP" 2>/dev/null; [ -n "$FSP" ] && kill "$FSP" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"; }
+trap 'cleanup; [ "$LAYOUT" = unbound ] || pin_servers "$ALL_CPUS"' EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+RPORT=$(free_port); FPORT=$(free_port)
+queued() { find /var/spool/postfix/{incoming,active,deferred,maildrop} -type f 2>/dev/null | wc -l; }
+deferred() { find /var/spool/postfix/deferred -type f 2>/dev/null | wc -l; }
+now() { date +%s.%N; }
+rate() { python3 -c "print(f'{$1/($3-$2):.0f}')"; }
 src() { taskset -c "$CLIENT_CPUS" "$SRC" "$@"; }
 pin_servers "$SERVER_CPUS"
 
