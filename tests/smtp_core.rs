@@ -814,27 +814,43 @@ fn a_commit_waits_only_for_transactions_still_open() {
         assert!(r.starts_with("250 2.0.0"), "{tag}: {r}");
         t0.elapsed()
     };
+    // "Did not wait for the delay": a commit held by a transaction still counted as open waits
+    // the whole 100 ms every time, so one of up to three tries under 90 ms proves the hold is
+    // gone, while a single slow fdatasync of this shared disk (31-37 ms seen, once over 90)
+    // cannot fail the test. Returns how many messages it sent.
+    let commits_without_waiting = |c: &mut SmtpClient, tag: &str| {
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            times.push(timed_mail(c, tag));
+            if times.last().unwrap() < &Duration::from_millis(90) {
+                return times.len();
+            }
+        }
+        panic!("{tag}: every commit took 90 ms or more: {times:?}");
+    };
+    let mut sent = 0;
     let mut open = relay.client();
     ehlo(&mut open);
     let mut other = relay.client();
     ehlo(&mut other);
     // The first commit also creates the segment; time the ones after it.
     timed_mail(&mut other, "warm-up");
-    assert!(timed_mail(&mut other, "alone") < Duration::from_millis(90));
+    sent += 1 + commits_without_waiting(&mut other, "alone");
     // An open transaction on the shard: the sync waits for it, at most the delay.
     assert!(open.cmd("MAIL FROM:<b@client.test>").starts_with("250"));
     assert!(open.cmd("RCPT TO:<y@node1.test>").starts_with("250"));
     let waited = timed_mail(&mut other, "waits");
+    sent += 1;
     assert!(waited >= Duration::from_millis(100), "did not wait: {waited:?}");
     assert!(waited < Duration::from_secs(10), "{waited:?}");
     // RSET ends it without a message: no more waiting.
     assert!(open.cmd("RSET").starts_with("250"));
-    assert!(timed_mail(&mut other, "after-rset") < Duration::from_millis(90));
+    sent += commits_without_waiting(&mut other, "after-rset");
     // A client that goes away mid-transaction releases it too.
     assert!(open.cmd("MAIL FROM:<b@client.test>").starts_with("250"));
     drop(open);
     std::thread::sleep(Duration::from_millis(50));
-    assert!(timed_mail(&mut other, "after-close") < Duration::from_millis(90));
+    sent += commits_without_waiting(&mut other, "after-close");
     // Both sessions' messages are in one sync when the open one commits within the delay.
     let mut open = relay.client();
     ehlo(&mut open);
@@ -849,5 +865,5 @@ fn a_commit_waits_only_for_transactions_still_open() {
     // Released by that commit, not by the delay running out.
     let together = t.join().unwrap();
     assert!(together < Duration::from_millis(90), "{together:?}");
-    assert_eq!(relay.queued_for("node1.test"), 7);
+    assert_eq!(relay.queued_for("node1.test"), sent + 2);
 }
