@@ -1493,6 +1493,15 @@ impl LocalExecutor {
                         // test again here. We can't test *just* here because the main
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
+                    } else if !this.queues.borrow().active_executors.is_empty() {
+                        // etrn-relay patch: nothing ran although tasks are runnable. That
+                        // happens when `need_preempt` was already true as `run_task_queues`
+                        // began: a completion landed in the latency ring (a preemption
+                        // timer, the eventfd read) after `poll_io` had emptied it. Parking
+                        // now would consume that completion, which wakes no task, and sleep
+                        // with the runnable tasks still queued, until some unrelated event.
+                        // Go round again instead: `poll_io` clears the preemption and the
+                        // queues run.
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
                             if pre_time.elapsed() > spin_before_park {
