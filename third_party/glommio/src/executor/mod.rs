@@ -1324,7 +1324,15 @@ impl LocalExecutor {
         let mut ran = false;
         loop {
             self.reactor.sys.install_eventfd();
-            if self.need_preempt() {
+            // etrn-relay patch: preemption is checked only once a queue has run (upstream:
+            // before the first), and `run_one_task_queue` runs at least one task of it, so a
+            // call with runnable tasks always makes progress. Upstream ran nothing when
+            // `need_preempt` was already true as this began (a completion in the latency ring
+            // that arrived after `poll_io` emptied it: a preemption timer, the eventfd read);
+            // the executor then parked, the reactor consumed that completion, which wakes no
+            // task, and slept with the runnable tasks still queued until an unrelated event.
+            // The caller polled I/O just before this, so one task's delay is all it costs.
+            if ran && self.need_preempt() {
                 break;
             }
             if !self.run_one_task_queue() {
@@ -1373,7 +1381,8 @@ impl LocalExecutor {
             let mut tasks_executed_this_loop = 0;
             loop {
                 let mut queue_ref = queue.borrow_mut();
-                if self.need_preempt() || queue_ref.yielded() {
+                // etrn-relay patch: at least one task per run (see `run_task_queues`).
+                if (tasks_executed_this_loop > 0 && self.need_preempt()) || queue_ref.yielded() {
                     break;
                 }
 
@@ -1493,15 +1502,6 @@ impl LocalExecutor {
                         // test again here. We can't test *just* here because the main
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
-                    } else if !this.queues.borrow().active_executors.is_empty() {
-                        // etrn-relay patch: nothing ran although tasks are runnable. That
-                        // happens when `need_preempt` was already true as `run_task_queues`
-                        // began: a completion landed in the latency ring (a preemption
-                        // timer, the eventfd read) after `poll_io` had emptied it. Parking
-                        // now would consume that completion, which wakes no task, and sleep
-                        // with the runnable tasks still queued, until some unrelated event.
-                        // Go round again instead: `poll_io` clears the preemption and the
-                        // queues run.
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
                             if pre_time.elapsed() > spin_before_park {
