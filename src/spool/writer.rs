@@ -248,7 +248,12 @@ const RELEASE_STEP: u64 = 1 << 20;
 /// fraction of a millisecond the scheduler can interleave with the shard. The last close,
 /// wherever it happens, then frees nothing.
 pub fn release_segment_file(path: &std::path::Path) -> std::io::Result<()> {
-    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let file = match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(f) => f,
+        // Out of descriptors, say: removing the name matters more than the stall.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return std::fs::remove_file(path),
+        Err(e) => return Err(e),
+    };
     std::fs::remove_file(path)?;
     let mut len = file.metadata()?.len();
     while len > 0 {
@@ -1220,6 +1225,17 @@ mod tests {
             let len = if id <= 20 { 900 } else { big };
             assert_eq!(at, &record(id, len)[..], "record {id}");
         }
+    }
+
+    #[test]
+    fn a_segment_that_cannot_be_opened_is_still_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segment");
+        // A socket's name: open(2) fails with ENXIO, unlink(2) works.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(std::fs::OpenOptions::new().write(true).open(&path).is_err());
+        release_segment_file(&path).unwrap();
+        assert!(!path.exists());
     }
 
     #[test]
