@@ -867,3 +867,48 @@ fn a_commit_waits_only_for_transactions_still_open() {
     assert!(together < Duration::from_millis(90), "{together:?}");
     assert_eq!(relay.queued_for("node1.test"), sent + 2);
 }
+
+/// CPU list of one thread, from `/proc/<pid>/task/<tid>/status`.
+fn cpus_allowed(task: &std::path::Path) -> String {
+    std::fs::read_to_string(task.join("status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn pinned_shards_get_a_cpu_each_and_their_blocking_threads_are_not_pinned() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert!(cpus >= 2, "this test needs 2 CPUs, the machine the README names has 2");
+    let relay = Relay::start("shards = 2\nplacement = \"pinned\"", "", "");
+    let pid = relay.child.as_ref().unwrap().id();
+    let whole = cpus_allowed(std::path::Path::new(&format!("/proc/{pid}")));
+    let mut shard_cpus = Vec::new();
+    let mut others = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap();
+        if !comm.starts_with("etrn-shard") {
+            continue;
+        }
+        // A shard's executor and its blocking thread carry the same name; the executor is the
+        // one bound to a single CPU.
+        let allowed = cpus_allowed(&task.path());
+        if allowed.parse::<usize>().is_ok() {
+            shard_cpus.push(allowed);
+        } else {
+            others.push(allowed);
+        }
+    }
+    shard_cpus.sort();
+    shard_cpus.dedup();
+    assert_eq!(
+        shard_cpus.len(),
+        2,
+        "two shards, each on a CPU of its own: {shard_cpus:?}"
+    );
+    assert_eq!(others.len(), 2, "a blocking thread per shard, not pinned: {others:?}");
+    assert!(others.iter().all(|a| *a == whole), "{others:?} against {whole}");
+}

@@ -359,6 +359,11 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("etrn-shard")
         .io_memory(1 << 20)
+        // Each shard's blocking thread (segment removal, which frees a segment's blocks, and
+        // the like) goes wherever the kernel finds room. glommio's default binds every one of
+        // them to the first CPU of the pool's placement: with `placement = "pinned"` that put
+        // every shard's housekeeping on shard 0's CPU.
+        .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
         .on_all_shards({
             let shared = shard::SharedParts {
                 cfg: cfg.clone(),
